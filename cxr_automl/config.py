@@ -1,0 +1,151 @@
+"""Composing a run's configuration with Hydra's compose API and checking it against the plugins.
+
+``compose(["backbone=resnet18", "strategy.unfreeze_k=2"])`` returns a plain dict. Component groups
+(backbone, head, strategy, dataset) are checked against the selected factory's signature, so an
+option the plugin does not take is rejected with the list of options it does take.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import inspect
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cxr_automl import registry
+
+GROUPS = tuple(registry.KINDS)  # backbone, head, strategy, dataset
+#: factory arguments the core supplies itself; users never set them
+SUPPLIED = {"in_dim", "in_channels", "num_classes"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as what to fix."""
+
+
+def _group_files(group: str) -> set[str]:
+    root = importlib.resources.files("cxr_automl.conf") / group
+    return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _defaults_node(factory: Any, name: str) -> dict[str, Any]:
+    node: dict[str, Any] = {"name": name}
+    for key, p in registry.factory_params(factory).items():
+        if key in SUPPLIED:
+            continue
+        default = p.default if p.default is not inspect.Parameter.empty else None
+        node[key] = default if isinstance(default, (int, float, str, bool, type(None))) else None
+    return node
+
+
+def _split(overrides: list[str]) -> list[tuple[str, str]]:
+    """(key, value text) of each override, using Hydra's own parser to check the syntax."""
+    parser = OverridesParser.create()
+    out = []
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+        except HydraException as exc:
+            raise ConfigError(f"cannot parse override {text!r}: {exc}; write key=value") from exc
+        out.append((o.key_or_group, text.split("=", 1)[1] if "=" in text else ""))
+    return out
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved configuration of one run, as a plain dict."""
+    overrides = list(overrides)
+    selection = {g: None for g in GROUPS}
+    for key, value in _split(overrides):
+        if key in GROUPS:
+            selection[key] = value
+    # A component with no YAML of its own (a third-party plugin) gets a node from its signature.
+    cs = ConfigStore.instance()
+    for group, name in selection.items():
+        if name and name not in _group_files(group):
+            factory = registry.load(group, name)  # raises "unknown ... known: ..." for a bad name
+            cs.store(group=group, name=name, node=_defaults_node(factory, name))
+    fixed = _add_plus_for_factory_keys(overrides, selection)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("cxr_automl.conf", version_base="1.3"):
+            cfg = hydra_compose("config", overrides=fixed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    for group in GROUPS:
+        _check_component(group, plain[group])
+    return plain
+
+
+def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None]) -> list[str]:
+    """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory."""
+    defaults = default_selection()
+    out = []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        group, _, param = key.partition(".")
+        if group in GROUPS and param and not key.startswith(("+", "~")):
+            name = selection[group] or defaults[group]
+            node_keys = _yaml_keys(group, name)
+            if node_keys is not None and param not in node_keys:
+                factory = registry.load(group, name)
+                if param in registry.factory_params(factory) and param not in SUPPLIED:
+                    text = "+" + text
+                else:
+                    options = [k for k in registry.factory_params(factory) if k not in SUPPLIED]
+                    raise ConfigError(f"{group} {name!r} has no option {param!r}; its options: {', '.join(options)}")
+        out.append(text)
+    return out
+
+
+def _yaml_keys(group: str, name: str) -> set[str] | None:
+    if name not in _group_files(group):
+        return None
+    text = (importlib.resources.files("cxr_automl.conf") / group / f"{name}.yaml").read_text()
+    node = OmegaConf.create(text)
+    return set(node.keys())  # type: ignore[arg-type]
+
+
+def default_selection() -> dict[str, str]:
+    text = (importlib.resources.files("cxr_automl.conf") / "config.yaml").read_text()
+    sel = {}
+    for item in OmegaConf.create(text)["defaults"]:
+        if isinstance(item, dict) or OmegaConf.is_dict(item):
+            sel.update({k: v for k, v in item.items()})
+    return sel
+
+
+def _check_component(group: str, node: dict[str, Any]) -> None:
+    factory = registry.load(group, node["name"])
+    params = registry.factory_params(factory)
+    unknown = sorted(k for k in node if k != "name" and k not in params)
+    if unknown:
+        options = [k for k in params if k not in SUPPLIED]
+        raise ConfigError(f"{group} {node['name']!r} has no option {', '.join(unknown)}; "
+                          f"its options: {', '.join(options)}")
+
+
+def _one_line(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()
+    text = msg[0] if msg else type(exc).__name__
+    if "Could not override" in text or "not in struct" in str(exc):
+        key = text.split("'")[1] if "'" in text else text
+        return f"unknown config key {key!r}; see `cxr-automl train --help` for the config layout"
+    if "Could not find" in text:
+        return text + " (see `cxr-automl plugins` for the known names)"
+    return text
+
+
+def to_yaml(cfg: dict[str, Any]) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg))

@@ -1,0 +1,205 @@
+"""The four component kinds and what the core asks of each.
+
+Every plugin is a *factory* with explicit keyword arguments, declared in one of the entry-point groups
+``cxr_automl.backbones|heads|strategies|datasets``. The factory returns an object implementing the
+matching interface below. The core never reads a plugin's config: it calls the factory with the keys of
+the plugin's config node (unknown keys are rejected against the factory's signature, see ``config.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+# ----------------------------------------------------------------------------------------------- backbones
+@dataclass(frozen=True)
+class InputSpec:
+    """What a backbone expects to see.
+
+    ``size`` is the square side the backbone was trained at; ``fixed_size`` says whether it *requires* it
+    (a ViT does, a CNN does not). ``mean``/``std`` are per input channel, for images scaled to [0, 1].
+    """
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fixed_size: bool = False
+
+
+@dataclass
+class BackboneOutput:
+    """One forward pass of a backbone.
+
+    ``pooled``: (N, D) embedding for classification. ``features``: multi-scale maps, NCHW, ordered from
+    high to low resolution, for dense heads.
+    """
+
+    pooled: torch.Tensor
+    features: list[torch.Tensor]
+
+
+class Backbone(nn.Module, abc.ABC):
+    """An image encoder.
+
+    ``forward`` is called once per batch by the model wrapper with input already normalised and with
+    ``input_spec.channels`` channels (grayscale conversion happens in one place, ``model.InputAdapter``).
+    """
+
+    input_spec: InputSpec
+    #: dimension of ``BackboneOutput.pooled``
+    embed_dim: int
+    #: channels of each map in ``BackboneOutput.features``
+    feature_channels: tuple[int, ...]
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        """Encode a normalised (N, C, H, W) batch."""
+
+    @abc.abstractmethod
+    def blocks(self) -> Sequence[nn.Module]:
+        """The encoder's blocks from input to output. "Unfreeze the top k" means the last k of these.
+
+        Called by strategies when they decide what trains; must cover every parameter of the backbone
+        (the stem counts as the first block) so that unfreezing all blocks means full fine-tuning.
+        """
+
+
+# ----------------------------------------------------------------------------------------------- heads
+class Head(nn.Module, abc.ABC):
+    """Maps backbone outputs to task outputs and owns the task loss.
+
+    Built by the core after the backbone and dataset, so its factory receives ``in_dim`` /
+    ``in_channels`` and ``num_classes`` from them (the user never writes those).
+    """
+
+    #: which evaluator applies: "classification" for now; "detection" and "segmentation" later
+    task: str = "classification"
+
+    @abc.abstractmethod
+    def forward(self, feats: BackboneOutput) -> torch.Tensor:
+        """Task outputs (for classification: logits (N, C))."""
+
+    @abc.abstractmethod
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar task loss for one batch. ``class_weights`` (C,) come from the strategy, if any."""
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Probabilities from outputs, for metrics and ``predictions.csv``."""
+        return torch.sigmoid(outputs.float())
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+@dataclass
+class DatasetBundle:
+    """What a dataset factory returns.
+
+    Each split is a map-style ``torch.utils.data.Dataset`` whose items are dicts with at least
+    ``image`` (float32 (C, H, W) in [0, 1]), ``image_id`` (str) and, for classification, ``labels``
+    (float32 (num_classes,), NaN where unknown). ``class_names`` names the label columns.
+    """
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    class_names: list[str]
+    task: str = "classification"
+    channels: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def label_matrix(self, split: str = "train") -> torch.Tensor:
+        """(N, C) labels of a split; datasets with labels in memory override via ``extras['labels']``."""
+        labels = self.extras.get(f"{split}_labels")
+        if labels is not None:
+            return torch.as_tensor(labels, dtype=torch.float32)
+        ds = getattr(self, split)
+        return torch.stack([ds[i]["labels"] for i in range(len(ds))])
+
+
+# ----------------------------------------------------------------------------------------------- strategies
+@dataclass
+class EpochPlan:
+    """What a strategy wants for one epoch: a human-readable phase name and the modules that train.
+
+    Every parameter of the model outside ``trainable`` is frozen for that epoch (and frozen
+    backbone blocks are put in eval mode so BatchNorm statistics stay put).
+    """
+
+    phase: str
+    trainable: list[nn.Module]
+
+
+class Strategy(abc.ABC):
+    """How to adapt: what trains when, which loss, what to evaluate with. The core owns the loop.
+
+    Hooks in call order::
+
+        setup(model, data)                       once, before the optimizer is built
+        param_groups(model)                      once: the optimizer's parameter groups
+        for epoch in range(epochs):
+            plan(epoch, model)                   start of every epoch: EpochPlan
+            for batch: loss(model, outputs, batch)  then after_step(model) after every optimizer step
+            eval_model(model)                    the module evaluated on validation
+            after_epoch(epoch, val_metrics)      returns True to stop early
+        state_dict() / load_state_dict()         saved in / restored from every checkpoint
+    """
+
+    #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
+    epochs: int = 1
+
+    def setup(self, model: "nn.Module", data: DatasetBundle) -> None:
+        """Called once before training, e.g. to derive class weights from the training labels."""
+
+    @abc.abstractmethod
+    def param_groups(self, model: "nn.Module") -> list[dict[str, Any]]:
+        """Optimizer parameter groups (dicts with ``params`` and ``lr``, optional ``weight_decay``).
+
+        Include every parameter that may train in *any* epoch: frozen parameters get no gradient and
+        the optimizer skips them, so one optimizer and one LR schedule serve the whole run.
+        """
+
+    @abc.abstractmethod
+    def plan(self, epoch: int, model: "nn.Module") -> EpochPlan:
+        """Called at the start of every epoch (0-based)."""
+
+    def loss(self, model: "nn.Module", outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss composition; the default is the head's own loss."""
+        return model.head.loss(outputs, batch)
+
+    def after_step(self, model: "nn.Module") -> None:
+        """Called after every optimizer step (e.g. EMA update)."""
+
+    def eval_model(self, model: "nn.Module") -> "nn.Module":
+        """The module used for validation/test (e.g. the EMA copy). Called before each evaluation."""
+        return model
+
+    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+        """Called after each validation. Return True to stop training (early stopping)."""
+        return False
+
+    def monitor(self) -> str:
+        """Name of the validation metric that selects the best epoch and feeds Optuna."""
+        return "val/macro_auc"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (phase, class weights, EMA weights, patience...)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``; called after the model and optimizer are restored."""
+
+
+def iter_params(modules: Sequence[nn.Module]) -> Iterator[nn.Parameter]:
+    """Parameters of several modules, each once."""
+    seen: set[int] = set()
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p

@@ -1,0 +1,271 @@
+"""The one training loop. Strategies decide what trains when; callbacks log, checkpoint and prune.
+
+Read ``Trainer.fit`` top to bottom: build → (resume) → for each epoch: plan, train, validate,
+callbacks → test on the best epoch's weights → write metrics.json and predictions.csv.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from cxr_automl import registry
+from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.metrics import classification_metrics
+from cxr_automl.model import CXRModel, build_model
+from cxr_automl.trainer_utils import (
+    NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, resolve_device,
+    seed_everything)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Callback:
+    """Extension points of the loop. Every hook receives the trainer; raise to abort the run."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """After everything is built, before the first epoch (checkpoint restore happens here)."""
+
+    def on_batch_end(self, trainer: "Trainer", loss: float) -> None:
+        """After every training micro-batch."""
+
+    def on_epoch_start(self, trainer: "Trainer", plan: EpochPlan, num_batches: int) -> None:
+        """After the strategy's plan is applied."""
+
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After validation and the strategy's after_epoch; ``trainer.epoch`` is the finished epoch."""
+
+    def on_fit_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After the test evaluation; ``metrics`` is what metrics.json holds."""
+
+
+@dataclass
+class Trainer:
+    """Owns model, optimizer, schedule and loop state; everything a checkpoint needs."""
+
+    cfg: dict[str, Any]
+    run_dir: Path
+    callbacks: Sequence[Callback] = ()
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tc = TrainerConfig.from_dict(self.cfg.get("trainer", {}))
+        self.device = resolve_device(self.tc.device)
+        seed_everything(self.tc.seed, self.tc.deterministic)
+        d_cfg = dict(self.cfg["dataset"])
+        self.data: DatasetBundle = registry.build("dataset", d_cfg.pop("name"), **d_cfg)
+        self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
+        s_cfg = dict(self.cfg["strategy"])
+        self.strategy: Strategy = registry.build("strategy", s_cfg.pop("name"), **s_cfg)
+        self.strategy.setup(self.model, self.data)
+        self.model.to(self.device)
+        if self.tc.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(self.strategy.param_groups(self.model))
+        self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
+        self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        while self.epoch < self.strategy.epochs and not self.stopped_early:
+            plan = self.strategy.plan(self.epoch, self.model)
+            apply_plan(self.model, plan)
+            train_stats = self.train_epoch(plan)
+            val_metrics, _ = self.evaluate("val")
+            metrics = {"epoch": self.epoch, **train_stats, **val_metrics}
+            score = val_metrics.get(self.strategy.monitor(), -math.inf)
+            if score > self.best_score:  # keep the evaluated weights of the best epoch for the test
+                self.best_score, self.best_epoch = score, self.epoch
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in self.strategy.eval_model(self.model).state_dict().items()}
+            self.stopped_early = self.strategy.after_epoch(self.epoch, val_metrics)
+            self.history.append(metrics)
+            self.epoch += 1
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, metrics)
+        return self.test()
+
+    def train_loader(self) -> DataLoader:
+        # a sampler seeded by (seed, epoch) makes the order independent of what ran before: exact resume
+        gen = torch.Generator().manual_seed(self.tc.seed * 100_003 + self.epoch)
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(self.epoch)
+        return DataLoader(self.data.train, batch_size=self.tc.batch_size, drop_last=True,
+                          sampler=RandomSampler(self.data.train, generator=gen), **self.tc.loader_kwargs())
+
+    def train_epoch(self, plan: EpochPlan) -> dict[str, float]:
+        self.model.train()
+        apply_plan(self.model, plan)  # re-applied: train() above switches frozen blocks back
+        loader = self.train_loader()
+        k = self.tc.accumulate
+        num_batches = (len(loader) // k) * k
+        for cb in self.callbacks:
+            cb.on_epoch_start(self, plan, num_batches)
+        total, seen, wait, t0 = 0.0, 0, 0.0, time.perf_counter()
+        t_fetch = time.perf_counter()
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            wait += time.perf_counter() - t_fetch
+            images = batch["image"].to(self.device, non_blocking=True)
+            if self.tc.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            batch = {k_: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                     for k_, v in batch.items()}
+            with autocast_context(self.device, self.tc.precision):
+                outputs = self.model(images)
+                loss = self.strategy.loss(self.model, outputs, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {self.epoch} batch {i}: lower the learning rates "
+                    "(strategy.lr_*), set trainer.grad_clip, or check the labels")
+            self.scaler.scale(loss / k).backward()
+            if (i + 1) % k == 0:
+                self.optimizer_step()
+            total += float(loss.detach()) * len(images)
+            seen += len(images)
+            for cb in self.callbacks:
+                cb.on_batch_end(self, float(loss.detach()))
+            t_fetch = time.perf_counter()
+        elapsed = time.perf_counter() - t0
+        return {"train/loss": total / max(seen, 1), "train/images_per_s": seen / max(elapsed, 1e-9),
+                "train/data_wait_share": wait / max(elapsed, 1e-9),
+                "train/lr": self.optimizer.param_groups[0]["lr"]}
+
+    def optimizer_step(self) -> None:
+        if self.tc.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.strategy.after_step(self.model)
+        self.step += 1
+
+    # ------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, split: str, model: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        model = model or self.strategy.eval_model(self.model)
+        was_training = model.training
+        model.eval()
+        loader = DataLoader(getattr(self.data, split), batch_size=self.tc.eval_batch_size, shuffle=False,
+                            **self.tc.loader_kwargs())
+        probs, labels, ids = [], [], []
+        for batch in loader:
+            images = batch["image"].to(self.device)
+            with autocast_context(self.device, self.tc.precision):
+                out = model(images)
+            probs.append(model.head.predict(out).float().cpu().numpy())
+            labels.append(batch["labels"].numpy())
+            ids.extend(batch["image_id"])
+        model.train(was_training)
+        return np.concatenate(probs), np.concatenate(labels), ids
+
+    def evaluate(self, split: str, model: nn.Module | None = None) -> tuple[dict[str, float], tuple]:
+        probs, labels, ids = self.predict(split, model)
+        metrics, _ = classification_metrics(probs, labels, self.data.class_names, split)
+        return metrics, (probs, labels, ids)
+
+    def test(self) -> dict[str, float]:
+        """Test with the best epoch's evaluated weights; write metrics.json and predictions.csv."""
+        model = self.strategy.eval_model(self.model)
+        if self.best_state is not None:
+            model = copy.deepcopy(model)
+            model.load_state_dict(self.best_state)
+        test_metrics, (probs, labels, ids) = self.evaluate("test", model)
+        final = {**{k: float(v) for k, v in self.history[-1].items()} if self.history else {},
+                 **test_metrics, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
+                 f"best/{self.strategy.monitor()}": self.best_score}
+        final = {k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
+        self.write_predictions(probs, labels, ids)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, final)
+        return final
+
+    def write_predictions(self, probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
+        names = self.data.class_names
+        with open(self.run_dir / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_id", *[f"label:{c}" for c in names], *[f"prob:{c}" for c in names]])
+            for i, image_id in enumerate(ids):
+                lab = ["" if np.isnan(v) else int(v) for v in labels[i]]
+                w.writerow([image_id, *lab, *[f"{p:.6f}" for p in probs[i]]])
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        from cxr_automl.checkpoint import rng_state
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "strategy": self.strategy.state_dict(), "epoch": self.epoch, "step": self.step,
+                "history": self.history, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "stopped_early": self.stopped_early, "rng": rng_state(),
+                "config_fingerprint": config_fingerprint(self.cfg)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from cxr_automl.checkpoint import CheckpointError, set_rng_state
+        if state.get("config_fingerprint") != config_fingerprint(self.cfg):
+            raise CheckpointError(
+                f"checkpoint in {self.run_dir} was written by a different configuration "
+                f"({diff_keys(state.get('config_fingerprint') or {}, config_fingerprint(self.cfg))} differ); "
+                "use a new run directory or the original overrides")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.best_state, self.stopped_early = state["best_state"], bool(state["stopped_early"])
+        set_rng_state(state["rng"])
+
+
+#: trainer keys that may differ between a run and its resumption without changing the result
+_RESUME_FREE = ("trainer.num_workers", "trainer.progress", "trainer.device", "run_dir", "resume")
+
+
+def config_fingerprint(cfg: dict[str, Any]) -> dict[str, str]:
+    """Flat ``key -> repr(value)`` of everything that shapes the result."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif not prefix.startswith(_RESUME_FREE):
+            flat[prefix] = repr(node)
+
+    walk(cfg, "")
+    return flat
+
+
+def diff_keys(a: dict[str, str], b: dict[str, str]) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")

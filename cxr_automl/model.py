@@ -1,0 +1,64 @@
+"""Composes backbone + head into one model; the single place where input is adapted to a backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxr_automl import registry
+from cxr_automl.interfaces import Backbone, DatasetBundle, Head
+
+
+class InputAdapter(nn.Module):
+    """Grayscale→backbone channels, resize where the backbone needs a fixed size, and normalise.
+
+    Every backbone gets its input through this module, so no plugin handles grayscale itself.
+    """
+
+    def __init__(self, backbone: Backbone, in_channels: int):
+        super().__init__()
+        spec = backbone.input_spec
+        if in_channels not in (1, spec.channels):
+            raise ValueError(f"data has {in_channels} channels but backbone expects {spec.channels}; "
+                             "only 1-channel (grayscale) data is converted automatically")
+        self.repeat = spec.channels if in_channels == 1 and spec.channels != 1 else 1
+        self.size = spec.size if spec.fixed_size else None
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat > 1:
+            x = x.expand(-1, self.repeat, -1, -1)
+        if self.size is not None and x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+
+class CXRModel(nn.Module):
+    """``head(backbone(adapter(images)))`` — what every strategy trains."""
+
+    def __init__(self, backbone: Backbone, head: Head, in_channels: int):
+        super().__init__()
+        self.adapter = InputAdapter(backbone, in_channels)
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.adapter(images)))
+
+
+def build_model(backbone_cfg: dict[str, Any], head_cfg: dict[str, Any], data: DatasetBundle) -> CXRModel:
+    """Build the backbone, then the head sized from the backbone and the dataset."""
+    b_cfg, h_cfg = dict(backbone_cfg), dict(head_cfg)
+    backbone = registry.build("backbone", b_cfg.pop("name"), **b_cfg)
+    head = registry.build("head", h_cfg.pop("name"), supplied={
+        "in_dim": backbone.embed_dim, "in_channels": backbone.feature_channels,
+        "num_classes": len(data.class_names)}, **h_cfg)
+    if getattr(head, "task", None) != data.task:
+        raise registry.RegistryError(
+            f"head {head_cfg['name']!r} does a {head.task} task but dataset gives {data.task} labels; "
+            "choose a head for that task")
+    return CXRModel(backbone, head, data.channels)

@@ -1,0 +1,61 @@
+"""The end-of-search report on the terminal (and ``summary.json`` beside the trial run dirs)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from cxr_automl.searchspace import format_value
+
+if TYPE_CHECKING:
+    from cxr_automl.search import SearchOptions
+
+
+def _test_auc(t: optuna.trial.FrozenTrial) -> str:
+    value = (t.user_attrs.get("metrics") or {}).get("test/macro_auc")
+    return "" if value is None else f"{value:.4f}"
+
+
+def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> None:
+    console = Console()
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    reverse = opts.space.direction == "maximize"
+    ranked = sorted(complete, key=lambda t: t.value, reverse=reverse)
+    table = Table(title=f"study {study.study_name}: best trials by {opts.space.metric} "
+                        f"({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    for col in ("trial", "val", "test macro AUC", "baseline", "params"):
+        table.add_column(col, overflow="fold")
+    shown = ranked[:top] + [t for t in complete if "baseline" in t.user_attrs and t not in ranked[:top]]
+    for t in shown:
+        params = " ".join(f"{k.split('.')[-1]}={format_value(v) if not isinstance(v, float) else f'{v:.3g}'}"
+                          for k, v in t.params.items())
+        table.add_row(str(t.number), f"{t.value:.4f}", _test_auc(t), t.user_attrs.get("baseline", ""), params)
+    console.print(table)
+    failed = [t for t in trials if t.state == TrialState.FAIL and "fail_reason" in t.user_attrs]
+    for t in failed[-3:]:
+        console.print(f"[yellow]trial {t.number} failed:[/yellow] {t.user_attrs['fail_reason']}")
+    if not ranked:
+        return
+    best = ranked[0]
+    base = {t.user_attrs["baseline"]: t for t in complete if "baseline" in t.user_attrs}
+    for name, t in base.items():
+        console.print(f"{name:>14}: val {t.value:.4f}  test {_test_auc(t) or '-'}  (trial {t.number})")
+    console.print(f"{'best':>14}: val {best.value:.4f}  test {_test_auc(best) or '-'}  (trial {best.number})")
+    run_dir = best.user_attrs.get("run_dir", "")
+    overrides = [*opts.space.overrides, *opts.overrides, *(f"{k}={format_value(v)}" for k, v in best.params.items())]
+    out = opts.runs_root / opts.study_name / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
+                               "best_trial": best.number, "best_value": best.value, "best_params": best.params,
+                               "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
+                               "reproduce": "cxr-automl train " + " ".join(overrides)}, indent=2))
+    console.print(f"best run: {run_dir}\nstudy:    {opts.storage} (study {study.study_name}); "
+                  f"view with: optuna-dashboard {opts.storage}\nsummary:  {out}\n"
+                  f"reproduce: cxr-automl train {' '.join(overrides)}")

@@ -1,0 +1,140 @@
+"""The ``trainer`` config section and the small pieces the loop needs (device, precision, schedule)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr_automl.interfaces import EpochPlan, iter_params
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run (or trial) fails with this message."""
+
+
+class TrainerConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainerConfig:
+    """Keys of the ``trainer`` section (see README, "trainer options")."""
+
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None: on when training on CUDA
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "32"  # 32 | bf16 | 16
+    accumulate: int = 1
+    grad_clip: float | None = None
+    scheduler: str = "cosine"  # cosine | linear | step | constant
+    warmup_epochs: float = 0.0
+    step_epochs: int = 30  # step decay period
+    step_gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainerConfigError(f"unknown trainer option {', '.join(unknown)}; options: {', '.join(sorted(names))}")
+        tc = cls(**d)
+        tc.precision = str(tc.precision)
+        if tc.precision not in ("32", "bf16", "16"):
+            raise TrainerConfigError(f"trainer.precision={tc.precision!r}; use 32, bf16 or 16")
+        if tc.scheduler not in ("cosine", "linear", "step", "constant"):
+            raise TrainerConfigError(f"trainer.scheduler={tc.scheduler!r}; use cosine, linear, step or constant")
+        if tc.accumulate < 1 or tc.batch_size < 1:
+            raise TrainerConfigError("trainer.batch_size and trainer.accumulate must be >= 1")
+        return tc
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        pin = self.pin_memory if self.pin_memory is not None else torch.cuda.is_available() and self.device != "cpu"
+        kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = 4
+        return kw
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA request without CUDA is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainerConfigError(f"trainer.device={spec} but no CUDA device is visible; "
+                                     "use trainer.device=auto or cpu")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise TrainerConfigError(f"trainer.device={spec} but only {torch.cuda.device_count()} GPU(s)")
+    elif spec != "cpu":
+        raise TrainerConfigError(f"trainer.device={spec!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device(spec)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "32":
+        return contextlib.nullcontext()
+    if precision == "16" and device.type != "cuda":
+        raise TrainerConfigError("trainer.precision=16 needs a CUDA device; use trainer.precision=bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this workspace setting for deterministic matmuls; costs some GPU speed
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoch: int,
+                   epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-optimizer-step LR factor: linear warmup, then cosine / linear / step decay / constant."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(tc.warmup_epochs * steps_per_epoch))
+    floor = tc.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        if tc.scheduler == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if tc.scheduler == "linear":
+            return floor + (1 - floor) * (1 - t)
+        if tc.scheduler == "step":
+            return tc.step_gamma ** (step // max(1, tc.step_epochs * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def apply_plan(model: nn.Module, plan: EpochPlan) -> None:
+    """Freeze everything but ``plan.trainable``; frozen backbone blocks go to eval mode (BatchNorm)."""
+    trainable = {id(p) for p in iter_params(plan.trainable)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    if model.training:
+        for block in model.backbone.blocks():
+            if not any(p.requires_grad for p in block.parameters()):
+                block.eval()

@@ -1,0 +1,159 @@
+"""SPFT (Stabilized Progressive Fine-Tuning) and the plain fine-tune / linear-probe baseline.
+
+SPFT: stage 1 trains the head only; stage 2 unfreezes the top-k backbone blocks progressively;
+hybrid class reweighting (label-distribution initial weights, refined each epoch from per-class
+validation AUC); an EMA of the parameters is what gets evaluated; early stopping on macro AUC.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+
+
+def initial_class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """negatives/positives per class (unknown labels ignored), normalised to mean 1."""
+    known = ~torch.isnan(labels)
+    pos = torch.nan_to_num(labels, nan=0.0).sum(0)
+    neg = known.sum(0) - pos
+    w = neg.clamp_min(1) / pos.clamp_min(1)
+    return w / w.mean()
+
+
+def refine_class_weights(weights: torch.Tensor, class_aucs: list[float | None], rate: float,
+                         ) -> torch.Tensor:
+    """Shift weight towards classes whose validation AUC is below the mean (rate 0 = no refinement).
+
+    Each weight is multiplied by ``1 + rate * (mean_auc - auc_c)`` (clamped to [0.5, 2]); classes
+    without an AUC keep their weight. The result is renormalised to mean 1.
+    """
+    known = [a for a in class_aucs if a is not None]
+    if not known or rate == 0:
+        return weights
+    mean_auc = sum(known) / len(known)
+    factor = torch.tensor([1.0 if a is None else min(2.0, max(0.5, 1 + rate * (mean_auc - a)))
+                           for a in class_aucs], dtype=weights.dtype)
+    w = weights * factor
+    return w / w.mean()
+
+
+class StagedFinetune(Strategy):
+    """One class for SPFT and its ablations; ``spft`` and ``finetune`` are its two factories."""
+
+    def __init__(self, epochs: int, head_epochs: int, unfreeze_k: int, unfreeze_ramp: int,
+                 lr_head: float, lr_backbone: float, weight_decay: float, ema_decay: float | None,
+                 class_weighting: bool, weight_refine_rate: float, patience: int | None):
+        if head_epochs > epochs:
+            raise ValueError(f"head_epochs={head_epochs} exceeds epochs={epochs}")
+        self.epochs = epochs
+        self.head_epochs = head_epochs
+        self.unfreeze_k = unfreeze_k
+        self.unfreeze_ramp = max(1, unfreeze_ramp)
+        self.lr_head, self.lr_backbone, self.weight_decay = lr_head, lr_backbone, weight_decay
+        self.ema_decay = ema_decay
+        self.class_weighting = class_weighting
+        self.weight_refine_rate = weight_refine_rate
+        self.patience = patience
+        self.class_names: list[str] = []
+        self.class_weights: torch.Tensor | None = None
+        self.ema: ModelEmaV3 | None = None
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, data: DatasetBundle) -> None:
+        n_blocks = len(model.backbone.blocks())
+        if self.unfreeze_k < 0 or self.unfreeze_k > n_blocks:
+            self.unfreeze_k = n_blocks if self.unfreeze_k < 0 else self.unfreeze_k
+            self.unfreeze_k = min(self.unfreeze_k, n_blocks)
+        self.class_names = list(data.class_names)
+        if self.class_weighting:
+            self.class_weights = initial_class_weights(data.label_matrix("train"))
+        if self.ema_decay is not None:
+            self.ema = ModelEmaV3(model, decay=self.ema_decay)
+
+    def _top_blocks(self, model: nn.Module) -> list[nn.Module]:
+        blocks = list(model.backbone.blocks())
+        return blocks[len(blocks) - self.unfreeze_k:] if self.unfreeze_k else []
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        groups = [{"params": list(model.head.parameters()), "lr": self.lr_head, "name": "head"}]
+        top = [p for b in self._top_blocks(model) for p in b.parameters()]
+        if top:
+            groups.append({"params": top, "lr": self.lr_backbone, "name": "backbone"})
+        for g in groups:
+            g["weight_decay"] = self.weight_decay
+        return groups
+
+    # -- per epoch -------------------------------------------------------------------------------
+    def unfrozen_blocks(self, epoch: int) -> int:
+        """How many top blocks train in ``epoch``: 0 in stage 1, then ramping up to k."""
+        if epoch < self.head_epochs or self.unfreeze_k == 0:
+            return 0
+        step = epoch - self.head_epochs + 1
+        return min(self.unfreeze_k, math.ceil(self.unfreeze_k * step / self.unfreeze_ramp))
+
+    def plan(self, epoch: int, model: nn.Module) -> EpochPlan:
+        n = self.unfrozen_blocks(epoch)
+        blocks = list(model.backbone.blocks())
+        phase = "head" if n == 0 else f"top{n}"
+        return EpochPlan(phase=phase, trainable=[model.head, *(blocks[len(blocks) - n:] if n else [])])
+
+    def loss(self, model: nn.Module, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.head.loss(outputs, batch, class_weights=self.class_weights)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return self.ema.module if self.ema is not None else model
+
+    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+        if self.class_weights is not None:
+            aucs = [val_metrics.get(f"val/auc/{c}") for c in self.class_names]
+            self.class_weights = refine_class_weights(self.class_weights, aucs, self.weight_refine_rate)
+        score = val_metrics.get(self.monitor(), -math.inf)
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_weights": self.class_weights, "best": self.best, "bad_epochs": self.bad_epochs,
+                "unfreeze_k": self.unfreeze_k,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.class_weights = state["class_weights"]
+        self.best, self.bad_epochs = float(state["best"]), int(state["bad_epochs"])
+        self.unfreeze_k = int(state["unfreeze_k"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+
+def spft(epochs: int = 10, head_epochs: int = 2, unfreeze_k: int = 4, unfreeze_ramp: int = 2,
+         lr_head: float = 1e-3, lr_backbone: float = 3e-4, weight_decay: float = 0.05,
+         ema_decay: float = 0.99, class_weighting: bool = True, weight_refine_rate: float = 0.5,
+         patience: int = 7) -> StagedFinetune:
+    """SPFT. ``unfreeze_k``: top blocks trained in stage 2 (-1 = all, 0 = linear probe);
+    ``unfreeze_ramp``: stage-2 epochs over which they are unfrozen one after another;
+    ``ema_decay``: β of the evaluated parameter EMA; ``weight_refine_rate``: per-epoch AUC feedback."""
+    return StagedFinetune(epochs, head_epochs, unfreeze_k, unfreeze_ramp, lr_head, lr_backbone,
+                          weight_decay, ema_decay, class_weighting, weight_refine_rate, patience)
+
+
+def finetune(epochs: int = 10, unfreeze_k: int = -1, lr_head: float = 1e-3, lr_backbone: float = 3e-4,
+             weight_decay: float = 0.05, patience: int | None = None) -> StagedFinetune:
+    """Plain baseline: head + top-k blocks (-1 = all, 0 = linear probe) train from the first epoch,
+    unweighted BCE, no EMA."""
+    return StagedFinetune(epochs, 0, unfreeze_k, 1, lr_head, lr_backbone, weight_decay, None,
+                          False, 0.0, patience)

@@ -26,10 +26,22 @@ from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
 from cxr_automl.metrics import classification_metrics
 from cxr_automl.model import CXRModel, build_model
 from cxr_automl.trainer_utils import (
-    NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, resolve_device,
-    seed_everything)
+    NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, maybe_compile,
+    resolve_device, seed_everything)
 
 log = logging.getLogger(__name__)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack what stacks (images, labels, masks); keep per-image lists otherwise (boxes, ids)."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if torch.is_tensor(values[0]) and all(v.shape == values[0].shape for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
 
 
 @dataclass
@@ -81,6 +93,10 @@ class Trainer:
         self.model.to(self.device)
         if self.tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.tc.compile:
+            size = self.model.backbone.input_spec.size
+            example = self.model.adapter(torch.rand(2, self.data.channels, size, size, device=self.device))
+            self.model.backbone = maybe_compile(self.model.backbone, example)
         self.optimizer = torch.optim.AdamW(self.strategy.param_groups(self.model))
         self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
@@ -115,7 +131,8 @@ class Trainer:
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(self.epoch)
         return DataLoader(self.data.train, batch_size=self.tc.batch_size, drop_last=True,
-                          sampler=RandomSampler(self.data.train, generator=gen), **self.tc.loader_kwargs())
+                          sampler=RandomSampler(self.data.train, generator=gen), collate_fn=collate,
+                          **self.tc.loader_kwargs())
 
     def train_epoch(self, plan: EpochPlan) -> dict[str, float]:
         self.model.train()
@@ -175,7 +192,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         loader = DataLoader(getattr(self.data, split), batch_size=self.tc.eval_batch_size, shuffle=False,
-                            **self.tc.loader_kwargs())
+                            collate_fn=collate, **self.tc.loader_kwargs())
         probs, labels, ids = [], [], []
         for batch in loader:
             images = batch["image"].to(self.device)
@@ -199,8 +216,8 @@ class Trainer:
             model = copy.deepcopy(model)
             model.load_state_dict(self.best_state)
         test_metrics, (probs, labels, ids) = self.evaluate("test", model)
-        final = {**{k: float(v) for k, v in self.history[-1].items()} if self.history else {},
-                 **test_metrics, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
+        last = {k: float(v) for k, v in self.history[-1].items()} if self.history else {}
+        final = {**last, **test_metrics, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
                  f"best/{self.strategy.monitor()}": self.best_score}
         final = {k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))

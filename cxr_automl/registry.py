@@ -21,6 +21,9 @@ KINDS: dict[str, str] = {
 }
 
 
+PLURAL = {"backbone": "backbones", "head": "heads", "strategy": "strategies", "dataset": "datasets"}
+
+
 class RegistryError(Exception):
     """A plugin problem the user can fix (unknown name, clash, broken plugin)."""
 
@@ -80,7 +83,7 @@ def info(kind: str, name: str) -> PluginInfo:
     known = available(kind)
     if name not in known:
         raise RegistryError(
-            f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}")
+            f"unknown {kind} {name!r}; known {PLURAL[kind]}: {', '.join(known) or '(none)'}")
     return known[name]
 
 

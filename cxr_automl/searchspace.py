@@ -92,8 +92,10 @@ def to_distribution(key: str, expr: str) -> optuna.distributions.BaseDistributio
             return optuna.distributions.IntDistribution(int(start), int(stop), step=int(step), log=log)
         return optuna.distributions.FloatDistribution(float(start), float(stop), step=float(step))
     if isinstance(sweep, IntervalSweep):
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int) and "int" in sweep.tags:
-            return optuna.distributions.IntDistribution(sweep.start, sweep.end, log=log)
+        if "int" in sweep.tags:  # hydra stores interval bounds as floats
+            if float(sweep.start) != int(sweep.start) or float(sweep.end) != int(sweep.end):
+                raise ValueError("tag(int, interval(lo, hi)) needs whole-number bounds")
+            return optuna.distributions.IntDistribution(int(sweep.start), int(sweep.end), log=log)
         return optuna.distributions.FloatDistribution(float(sweep.start), float(sweep.end), log=log)
     raise ValueError(f"{expr!r} is a fixed value, not a sweep; use choice(), range(), interval() or tag(log, ...)")
 

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ class TrainerConfig:
 
     batch_size: int = 32
     eval_batch_size: int = 128
-    num_workers: int = 0
+    num_workers: int | str = "auto"  # auto: from the SLURM allocation / CPU count when on a GPU
     pin_memory: bool | None = None  # None: on when training on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "32"  # 32 | bf16 | 16
@@ -43,6 +44,7 @@ class TrainerConfig:
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.0
     channels_last: bool = False
+    compile: bool = False  # torch.compile the backbone; falls back to eager with a warning
     seed: int = 0
     deterministic: bool = False
     progress: bool = True
@@ -61,12 +63,27 @@ class TrainerConfig:
             raise TrainerConfigError(f"trainer.scheduler={tc.scheduler!r}; use cosine, linear, step or constant")
         if tc.accumulate < 1 or tc.batch_size < 1:
             raise TrainerConfigError("trainer.batch_size and trainer.accumulate must be >= 1")
+        if tc.num_workers != "auto" and not (isinstance(tc.num_workers, int) and tc.num_workers >= 0):
+            raise TrainerConfigError(f"trainer.num_workers={tc.num_workers!r}; use auto or an integer >= 0")
         return tc
+
+    def workers(self) -> int:
+        """``auto``: under SLURM, the task's CPUs minus one (capped at 8); on a GPU node without SLURM,
+        the machine's CPUs minus one; on a CPU-only run 0 (worker processes only compete with the model)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if slurm_cpus:
+            return max(0, min(8, int(slurm_cpus) - 1))
+        if self.device != "cpu" and torch.cuda.is_available():
+            return max(0, min(8, (os.cpu_count() or 1) - 1))
+        return 0
 
     def loader_kwargs(self) -> dict[str, Any]:
         pin = self.pin_memory if self.pin_memory is not None else torch.cuda.is_available() and self.device != "cpu"
-        kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin}
-        if self.num_workers > 0:
+        workers = self.workers()
+        kw: dict[str, Any] = {"num_workers": workers, "pin_memory": pin}
+        if workers > 0:
             kw["prefetch_factor"] = 4
         return kw
 
@@ -127,6 +144,19 @@ def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoc
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def maybe_compile(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """torch.compile ``module`` and try it once on ``example``; on any failure warn and stay eager."""
+    try:
+        compiled = torch.compile(module)
+        with torch.no_grad():
+            compiled(example)
+        return compiled  # type: ignore[return-value]
+    except Exception as exc:  # unsupported platform, missing compiler, graph break errors...
+        warnings.warn(f"trainer.compile=true: torch.compile failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); running eagerly", stacklevel=2)
+        return module
 
 
 def apply_plan(model: nn.Module, plan: EpochPlan) -> None:

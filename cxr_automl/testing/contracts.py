@@ -1,0 +1,102 @@
+"""Contract suites every plugin passes. A plugin's own tests subclass them and provide fixtures.
+
+Example (in a third-party plugin's tests)::
+
+    class TestMyBackbone(BackboneContract):
+        @pytest.fixture
+        def backbone(self):
+            return my_backbone(tiny=True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy
+
+
+class BackboneContract:
+    """Needs a fixture ``backbone`` returning a small instance."""
+
+    def _input(self, backbone: Backbone, batch: int = 2) -> torch.Tensor:
+        spec = backbone.input_spec
+        size = spec.size if spec.fixed_size else min(spec.size, 64)
+        return torch.rand(batch, spec.channels, size, size)
+
+    def test_input_spec(self, backbone: Backbone) -> None:
+        spec = backbone.input_spec
+        assert spec.size > 0 and spec.channels in (1, 3)
+        assert len(spec.mean) == len(spec.std) == spec.channels
+        assert all(s > 0 for s in spec.std)
+
+    def test_pooled_and_nchw_features(self, backbone: Backbone) -> None:
+        backbone.eval()
+        x = self._input(backbone)
+        with torch.no_grad():
+            out = backbone(x)
+        assert isinstance(out, BackboneOutput)
+        assert out.pooled.shape == (2, backbone.embed_dim)
+        assert len(out.features) == len(backbone.feature_channels) >= 1
+        sizes = []
+        for fmap, ch in zip(out.features, backbone.feature_channels):
+            assert fmap.ndim == 4 and fmap.shape[0] == 2 and fmap.shape[1] == ch, "feature maps must be NCHW"
+            sizes.append(fmap.shape[-1])
+        assert sizes == sorted(sizes, reverse=True), "feature maps go from high to low resolution"
+
+    def test_blocks_cover_every_parameter_in_order(self, backbone: Backbone) -> None:
+        blocks = list(backbone.blocks())
+        assert len(blocks) >= 2
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        assert in_blocks == {id(p) for p in backbone.parameters()}, "blocks() must cover every parameter"
+        # the top block must influence the output: unfreezing "the top 1" is meaningful
+        x = self._input(backbone)
+        backbone.train()
+        backbone(x).pooled.sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[-1].parameters())
+
+
+class HeadContract:
+    """Needs fixtures ``head`` (built for ``in_dim=32, in_channels=(8, 16, 32), num_classes=3``)
+    and ``batch`` (a dict with the head's targets for 4 images)."""
+
+    def _feats(self) -> BackboneOutput:
+        return BackboneOutput(pooled=torch.randn(4, 32),
+                              features=[torch.randn(4, 8, 16, 16), torch.randn(4, 16, 8, 8), torch.randn(4, 32, 4, 4)])
+
+    def test_forward_loss_backward(self, head: Head, batch: dict) -> None:
+        out = head(self._feats())
+        loss = head.loss(out, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+    def test_predict_is_probability(self, head: Head, batch: dict) -> None:
+        probs = head.predict(head(self._feats()))
+        assert ((probs >= 0) & (probs <= 1)).all()
+
+
+class StrategyContract:
+    """Needs fixtures ``strategy`` (fresh), ``model`` (a CXRModel) and ``data`` (a DatasetBundle)."""
+
+    def test_hooks_in_order_and_state_roundtrip(self, strategy: Strategy, model: torch.nn.Module,
+                                                data: DatasetBundle) -> None:
+        strategy.setup(model, data)
+        groups = strategy.param_groups(model)
+        assert groups and all("params" in g and "lr" in g for g in groups)
+        optimizable = {id(p) for g in groups for p in g["params"]}
+        for epoch in range(strategy.epochs):
+            plan = strategy.plan(epoch, model)
+            assert plan.trainable, "some module must train in every epoch"
+            assert {id(p) for m in plan.trainable for p in m.parameters()} <= optimizable, \
+                "a trainable parameter is missing from param_groups"
+        batch = {"labels": torch.zeros(2, len(data.class_names))}
+        out = model(torch.rand(2, data.channels, 32, 32))
+        assert torch.isfinite(strategy.loss(model, out, batch))
+        strategy.after_step(model)
+        assert isinstance(strategy.eval_model(model), torch.nn.Module)
+        assert strategy.after_epoch(0, {strategy.monitor(): 0.5}) in (True, False)
+        state = strategy.state_dict()
+        strategy.load_state_dict(state)
+
+
+__all__ = ["BackboneContract", "HeadContract", "StrategyContract"]

@@ -1,0 +1,57 @@
+"""Every registered component passes its kind's contract suite (parametrized over the registry)."""
+
+import pytest
+import torch
+
+from cxr_automl import config, registry
+from cxr_automl.model import build_model
+from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract
+
+
+def _built_in(kind):
+    return [n for n, i in registry.available(kind).items() if i.distribution == "cxr-automl"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return registry.build("dataset", "synthetic_cxr", n_train=32, n_val=16, n_test=16, image_size=32)
+
+
+class TestBackbones(BackboneContract):
+    @pytest.fixture(params=_built_in("backbone"))
+    def backbone(self, request):
+        cfg = config.compose([f"backbone={request.param}"])["backbone"]
+        cfg.pop("name")
+        torch.manual_seed(0)
+        return registry.build("backbone", request.param, **cfg)
+
+
+class TestHeads(HeadContract):
+    @pytest.fixture(params=_built_in("head"))
+    def head(self, request):
+        return registry.build("head", request.param, supplied={"in_dim": 32, "in_channels": (8, 16, 32),
+                                                                "num_classes": 3})
+
+    @pytest.fixture
+    def batch(self):
+        return {"labels": torch.tensor([[1, 0, 0], [0, 1, float("nan")], [0, 0, 1], [1, 1, 0]])}
+
+
+class TestStrategies(StrategyContract):
+    @pytest.fixture(params=_built_in("strategy"))
+    def strategy(self, request):
+        cfg = config.compose([f"strategy={request.param}", "strategy.epochs=3"])["strategy"]
+        return registry.build("strategy", cfg.pop("name"), **cfg)
+
+    @pytest.fixture
+    def model(self, data):
+        return build_model({"name": "resnet_tiny", "width": 8}, {"name": "mlp", "hidden": 16}, data)
+
+
+def test_dataset_items_follow_the_interface(data):
+    item = data.train[0]
+    assert item["image"].dtype == torch.float32 and item["image"].shape[0] == data.channels
+    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
+    assert item["labels"].shape == (len(data.class_names),)
+    assert isinstance(item["image_id"], str)
+    assert data.label_matrix("val").shape == (len(data.val), len(data.class_names))

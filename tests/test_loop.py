@@ -1,0 +1,75 @@
+"""Loop mechanics: gradient accumulation, LR schedules, device selection, throughput metrics."""
+
+import pytest
+import torch
+
+from cxr_automl import config
+from cxr_automl.loop import Trainer
+from cxr_automl.trainer_utils import TrainerConfig, TrainerConfigError, make_scheduler, resolve_device
+from conftest import TINY
+
+
+def _trainer(tmp_path, *extra):
+    return Trainer(config.compose([*TINY, *extra]), tmp_path, callbacks=[])
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    # frozen backbone (BatchNorm in eval) and no dropout: the only difference is how the batch is split
+    common = ["strategy=finetune", "strategy.unfreeze_k=0", "strategy.epochs=1", "head.dropout=0.0"]
+    big = _trainer(tmp_path / "big", *common, "trainer.batch_size=16")
+    small = _trainer(tmp_path / "small", *common, "trainer.batch_size=8", "trainer.accumulate=2")
+    assert big.steps_per_epoch == small.steps_per_epoch == 6
+    for t in (big, small):
+        t.fit()
+    assert big.step == small.step == 6
+    for (name, a), b in zip(big.model.head.named_parameters(), small.model.head.parameters()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "step", "constant"])
+def test_schedules_with_warmup(kind):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    tc = TrainerConfig(scheduler=kind, warmup_epochs=1, step_epochs=2, step_gamma=0.5)
+    sched = make_scheduler(opt, tc, steps_per_epoch=4, epochs=5)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear warmup over one epoch
+    if kind == "cosine":
+        assert lrs[4] == pytest.approx(1.0) and lrs[-1] < 0.05
+        assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    elif kind == "linear":
+        assert lrs[12] == pytest.approx(0.5)
+    elif kind == "step":
+        assert lrs[7] == pytest.approx(1.0) and lrs[8] == pytest.approx(0.5) and lrs[16] == pytest.approx(0.25)
+    else:
+        assert lrs[4:] == [1.0] * 16
+
+
+def test_device_selection():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TrainerConfigError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+
+
+def test_num_workers_auto_follows_slurm_allocation(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert TrainerConfig.from_dict({"num_workers": "auto"}).workers() == 5
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert TrainerConfig.from_dict({"num_workers": "auto", "device": "cpu"}).workers() == 0
+    assert TrainerConfig.from_dict({"num_workers": 3}).workers() == 3
+
+
+def test_throughput_is_logged_per_epoch(tmp_path):
+    t = _trainer(tmp_path, "strategy.epochs=1")
+    metrics = t.fit()
+    assert metrics["train/images_per_s"] > 0
+    assert 0 <= metrics["train/data_wait_share"] < 1
+
+
+def test_compile_option_runs(tmp_path):
+    t = _trainer(tmp_path, "strategy.epochs=1", "trainer.compile=true")
+    assert t.fit()["test/macro_auc"] >= 0

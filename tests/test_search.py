@@ -1,0 +1,124 @@
+"""`cxr-automl search` end to end on a real SQLite study."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cxr_automl import searchspace
+from conftest import CLI, TINY, run_cli
+
+SPACE = """\
+metric: val/macro_auc
+n_trials: 3
+overrides: [strategy=spft]
+params:
+  strategy.unfreeze_k: range(0, 5)
+  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
+  strategy.ema_decay: interval(0.5, 0.99)
+baselines:
+  default: {}
+  linear_probe: {strategy.unfreeze_k: 0}
+"""
+
+
+def _study(path, name="s"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{path}/runs/cxr-automl.db")
+
+
+def _states(study):
+    return [t.state for t in study.get_trials()]
+
+
+def test_search_reaches_target_then_resumes_without_overshoot(in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    proc = run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "3", "--pruner", "none", *TINY, cwd=in_tmp)
+    study = _study(in_tmp)
+    assert _states(study) == [TrialState.COMPLETE] * 3
+    assert study.trials[0].user_attrs["baseline"] == "default"
+    assert study.trials[0].params["strategy.unfreeze_k"] == 4  # the config default
+    assert study.trials[1].params["strategy.unfreeze_k"] == 0  # the linear probe baseline
+    t = study.best_trial
+    for key in ("backbone", "head", "strategy", "dataset", "run_dir", "metrics"):
+        assert key in t.user_attrs
+    assert (in_tmp / t.user_attrs["run_dir"] / "metrics.json").is_file()
+    assert "best" in proc.stdout and "linear_probe" in proc.stdout and "reproduce: cxr-automl train" in proc.stdout
+    # the same command again: nothing to do
+    run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "3", *TINY, cwd=in_tmp)
+    assert len(_study(in_tmp).trials) == 3
+    # a larger target adds exactly the difference
+    run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "4", *TINY, cwd=in_tmp)
+    assert _states(_study(in_tmp)) == [TrialState.COMPLETE] * 4
+
+
+def test_nan_trial_fails_with_reason_and_study_goes_on(in_tmp):
+    (in_tmp / "space.yaml").write_text(
+        "params:\n  strategy.lr_head: choice(1.0e+30, 0.001)\n  strategy.lr_backbone: choice(1.0e+30)\n"
+        "baselines:\n  blowup: {strategy.lr_head: 1.0e+30}\n  ok: {strategy.lr_head: 0.001}\n")
+    run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "1", "--sampler", "random", *TINY,
+            "strategy=finetune", "strategy.lr_backbone=0.001", "strategy.unfreeze_k=0", cwd=in_tmp)
+    trials = _study(in_tmp).trials
+    assert trials[0].state == TrialState.FAIL
+    assert "NonFiniteLossError: loss is" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].state == TrialState.COMPLETE
+
+
+def test_ctrl_c_marks_trial_failed_and_rerun_resumes_it(in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    args = ["search", "-s", "space.yaml", "--study", "s", "-n", "2", "--pruner", "none", *TINY,
+            "strategy.epochs=6", "trainer.progress=false"]
+    proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    ckpt = in_tmp / "runs/s/trial_0000/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt.exists() and len(ckpt.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "run the same command again" in err
+    trials = _study(in_tmp).trials
+    assert trials[0].state == TrialState.FAIL and "interrupted" in trials[0].user_attrs["fail_reason"]
+    run_cli(*args, cwd=in_tmp)
+    study = _study(in_tmp)
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 2
+    resumed = [t for t in finished if t.user_attrs["run_dir"].endswith("trial_0000")]
+    assert len(resumed) == 1  # same run dir: resumed, not restarted
+    resumed = resumed[0]
+    assert resumed.params == trials[0].params
+    epochs = [line for line in open(in_tmp / "runs/s/trial_0000/metrics.jsonl")]
+    assert len(epochs) == 6  # no epoch ran twice
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("  x: interval(0.1,)", "space.yaml:3: bad sweep for 'x'"),
+    ("  x: 5", "space.yaml:3: bad sweep for 'x'"),
+    ("  x: choice()", "space.yaml:3: bad sweep for 'x'"),
+])
+def test_bad_search_space_line_names_file_and_line(in_tmp, line, expected):
+    (in_tmp / "space.yaml").write_text(f"metric: val/macro_auc\nparams:\n{line}\n")
+    with pytest.raises(searchspace.SearchSpaceError, match=expected):
+        searchspace.load(str(in_tmp / "space.yaml"))
+    proc = run_cli("search", "-s", "space.yaml", cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "space.yaml:3" in proc.stderr
+
+
+def test_grammar_maps_to_optuna_distributions():
+    d = optuna.distributions
+    assert searchspace.to_distribution("k", "range(0, 4)") == d.IntDistribution(0, 4)
+    assert searchspace.to_distribution("k", "range(0.1, 0.5, step=0.1)") == d.FloatDistribution(0.1, 0.5, step=0.1)
+    assert searchspace.to_distribution("k", "tag(log, interval(1e-5, 1e-1))") == d.FloatDistribution(1e-5, 1e-1, log=True)
+    assert searchspace.to_distribution("k", "choice(mlp, linear)") == d.CategoricalDistribution(["mlp", "linear"])
+    assert searchspace.to_distribution("k", "tag(int, interval(1, 8))") == d.IntDistribution(1, 8)
+
+
+def test_shipped_spft_space_loads():
+    space = searchspace.load("spft")
+    assert {"strategy.unfreeze_k", "strategy.ema_decay", "strategy.weight_refine_rate",
+            "strategy.lr_backbone", "strategy.lr_head"} <= set(space.params)

@@ -97,9 +97,9 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
         group, _, param = key.partition(".")
         if group in GROUPS and param and not key.startswith(("+", "~")):
             name = selection[group] or defaults[group]
-            node_keys = _yaml_keys(group, name)
-            if node_keys is not None and param not in node_keys:
-                factory = registry.load(group, name)
+            factory = registry.load(group, name)
+            node_keys = _yaml_keys(group, name) or set(_defaults_node(factory, name))
+            if param not in node_keys:
                 if param in registry.factory_params(factory) and param not in SUPPLIED:
                     text = "+" + text
                 else:

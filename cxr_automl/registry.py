@@ -128,4 +128,7 @@ def build(kind: str, name: str, /, supplied: dict[str, Any] | None = None, **kwa
         raise RegistryError(
             f"{kind} {name!r} has no option {', '.join(unknown)}; its options: {', '.join(user_keys)}")
     extra = {k: v for k, v in (supplied or {}).items() if k in params or takes_var}
-    return factory(**kwargs, **extra)
+    try:
+        return factory(**kwargs, **extra)
+    except (ValueError, TypeError) as exc:  # a factory rejecting its arguments is a config problem
+        raise RegistryError(f"{kind} {name!r}: {exc}") from exc

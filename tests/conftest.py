@@ -16,7 +16,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 TINY = [
     "dataset.n_train=96", "dataset.n_val=48", "dataset.n_test=48", "dataset.image_size=64",
     "backbone.width=8", "backbone.image_size=64", "head.hidden=32",
-    "strategy.epochs=3", "strategy.head_epochs=1", "trainer.batch_size=16", "trainer.progress=false",
+    "strategy.epochs=3", "trainer.batch_size=16", "trainer.progress=false",
 ]
 
 CLI = [sys.executable, "-m", "cxr_automl.cli"]

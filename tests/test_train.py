@@ -34,6 +34,14 @@ def test_train_cli_writes_run_directory(in_tmp):
     assert "test/macro_auc" in proc.stdout
 
 
+TIMING = ("train/images_per_s", "train/data_wait_share")
+
+
+def _results(metrics):
+    """Metrics without wall-clock figures, which differ run to run by nature."""
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
 def _cfg(*extra):
     return config.compose([*TINY, *extra])
 
@@ -58,7 +66,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert len((tmp_path / "resumed/metrics.jsonl").read_text().splitlines()) == 2
     resumed = run.train(_cfg(*overrides), tmp_path / "resumed")
     assert resumed.keys() == full.keys()
-    for key in full:
+    for key in _results(full):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
     a = torch.load(tmp_path / "full/last.ckpt", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed/last.ckpt", weights_only=True)["model"]
@@ -85,7 +93,7 @@ def test_checkpoint_from_other_config_names_the_keys(tmp_path):
 def test_same_seed_same_metrics(tmp_path):
     a = run.train(_cfg("strategy.epochs=2"), tmp_path / "a")
     b = run.train(_cfg("strategy.epochs=2"), tmp_path / "b")
-    assert a == b
+    assert _results(a) == _results(b)
     c = run.train(_cfg("strategy.epochs=2", "trainer.seed=1"), tmp_path / "c")
     assert c["test/macro_auc"] != a["test/macro_auc"]
 

@@ -49,8 +49,6 @@ class StagedFinetune(Strategy):
     def __init__(self, epochs: int, head_epochs: int, unfreeze_k: int, unfreeze_ramp: int,
                  lr_head: float, lr_backbone: float, weight_decay: float, ema_decay: float | None,
                  class_weighting: bool, weight_refine_rate: float, patience: int | None):
-        if head_epochs > epochs:
-            raise ValueError(f"head_epochs={head_epochs} exceeds epochs={epochs}")
         self.epochs = epochs
         self.head_epochs = head_epochs
         self.unfreeze_k = unfreeze_k

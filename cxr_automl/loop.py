@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from cxr_automl import registry
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
@@ -42,6 +42,37 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` in an order seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter([(self.epoch, int(i)) for i in torch.randperm(self.n, generator=gen)])
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """Passes the epoch to a dataset with ``set_epoch`` inside whichever process loads the item,
+    so per-epoch augmentation is the same with 0 or N (persistent) workers."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 @dataclass
@@ -102,6 +133,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._train_loader: DataLoader | None = None
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
@@ -126,13 +158,16 @@ class Trainer:
         return self.test()
 
     def train_loader(self) -> DataLoader:
-        # a sampler seeded by (seed, epoch) makes the order independent of what ran before: exact resume
-        gen = torch.Generator().manual_seed(self.tc.seed * 100_003 + self.epoch)
-        if hasattr(self.data.train, "set_epoch"):
-            self.data.train.set_epoch(self.epoch)
-        return DataLoader(self.data.train, batch_size=self.tc.batch_size, drop_last=True,
-                          sampler=RandomSampler(self.data.train, generator=gen), collate_fn=collate,
-                          **self.tc.loader_kwargs())
+        """Built once; each epoch's order comes from a sampler seeded by (seed, epoch), so the order
+        does not depend on what ran before (exact resume) and persistent workers can be kept."""
+        if self._train_loader is None:
+            self._sampler = EpochSampler(len(self.data.train), self.tc.seed)
+            kw = self.tc.loader_kwargs()
+            self._train_loader = DataLoader(EpochDataset(self.data.train), batch_size=self.tc.batch_size,
+                                            drop_last=True, sampler=self._sampler, collate_fn=collate,
+                                            persistent_workers=kw["num_workers"] > 0, **kw)
+        self._sampler.epoch = self.epoch
+        return self._train_loader
 
     def train_epoch(self, plan: EpochPlan) -> dict[str, float]:
         self.model.train()

@@ -73,3 +73,11 @@ def test_throughput_is_logged_per_epoch(tmp_path):
 def test_compile_option_runs(tmp_path):
     t = _trainer(tmp_path, "strategy.epochs=1", "trainer.compile=true")
     assert t.fit()["test/macro_auc"] >= 0
+
+
+def test_worker_count_does_not_change_results(tmp_path):
+    """Per-epoch augmentation is seeded by (seed, epoch, index) inside the loading process."""
+    a = _trainer(tmp_path / "w0", "strategy.epochs=2", "trainer.num_workers=0").fit()
+    b = _trainer(tmp_path / "w2", "strategy.epochs=2", "trainer.num_workers=2").fit()
+    assert a["test/macro_auc"] == pytest.approx(b["test/macro_auc"], abs=1e-6)
+    assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)

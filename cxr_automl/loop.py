@@ -165,7 +165,10 @@ class Trainer:
             kw = self.tc.loader_kwargs()
             self._train_loader = DataLoader(EpochDataset(self.data.train), batch_size=self.tc.batch_size,
                                             drop_last=True, sampler=self._sampler, collate_fn=collate,
-                                            persistent_workers=kw["num_workers"] > 0, **kw)
+                                            persistent_workers=kw["num_workers"] > 0, **kw,
+                                            # its own generator: creating iterators must not consume the
+                                            # global RNG that dropout draws from
+                                            generator=torch.Generator().manual_seed(self.tc.seed))
         self._sampler.epoch = self.epoch
         return self._train_loader
 

@@ -150,6 +150,7 @@ def n_finished(study: optuna.Study) -> int:
 def search(opts: SearchOptions) -> optuna.Study:
     """Run trials until the study holds ``opts.n_trials`` finished trials; return the study."""
     config_mod.compose([*opts.space.overrides, *opts.overrides])  # fail fast on a bad override
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
     study = optuna.create_study(storage=opts.storage, study_name=opts.study_name, load_if_exists=True,
                                 direction=opts.space.direction, sampler=make_sampler(opts.sampler, opts.seed),
                                 pruner=make_pruner(opts.pruner))

@@ -1,0 +1,9 @@
+"""Shared machinery of the dataset plugins: decoding (``images``), records, splits and ``on_error``
+(``records``), the preprocessed cache (``cache``) and records → ``DatasetBundle`` (``dataset``)."""
+
+from cxr_automl.data.dataset import RecordSplit, build_bundle
+from cxr_automl.data.images import Geometry, ImageReadError, decode_image
+from cxr_automl.data.records import DataError, FileIndex, Problems, Record, parse_label, read_csv
+
+__all__ = ["DataError", "FileIndex", "Geometry", "ImageReadError", "Problems", "Record", "RecordSplit",
+           "build_bundle", "decode_image", "parse_label", "read_csv"]

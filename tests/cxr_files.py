@@ -1,0 +1,67 @@
+"""Writers for small image files with the names real datasets use (tests only).
+
+Real label files from ../shared/data are read as they are; where the images are absent, these write
+small, valid images under the exact names the label files expect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED.is_dir():  # worktrees live beside shared/, CI clones beside a copy of it
+    SHARED = Path("/work/shared/data")
+
+
+def chest_like(width: int, height: int, seed: int, lesion: bool = False) -> np.ndarray:
+    """A cheap film-like uint8 image: smooth gradient, two dark lung fields, noise; a bright blob if lesion."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = yy / height, xx / width
+    img = 0.6 + 0.1 * yy
+    for cx in (0.32, 0.68):
+        img -= 0.3 * ((((xx - cx) / 0.14) ** 2 + ((yy - 0.47) / 0.28) ** 2) < 1)
+    if lesion:
+        img += 0.35 * np.exp(-(((xx - 0.3) ** 2 + (yy - 0.45) ** 2) / 0.004))
+    img += rng.normal(0, 0.03, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def write_png(path: str | Path, width: int = 48, height: int = 48, seed: int = 0, lesion: bool = False) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.fromarray(chest_like(width, height, seed, lesion)).save(path, fmt)
+    return path
+
+
+def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12,
+                window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> Path:
+    """An uncompressed single-frame DICOM (Digital X-ray) with pydicom's own writer."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    import pydicom
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "TEST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    if slope != 1.0 or intercept != 0.0:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -26,10 +26,11 @@ class RecordSplit(torch.utils.data.Dataset):
 
     def __init__(self, records: list[Record], rows: list[int], cache: ImageCache | None, geometry: Geometry,
                  split: str, seed: int, augment: bool, has_boxes: bool, mask_fn: MaskFn | None,
-                 decoder: Decoder = load_resized):
+                 decoder: Decoder = load_resized, boxes_normalized: bool = False):
         self.records, self.rows, self.cache, self.geometry = records, rows, cache, geometry
         self.split, self.seed, self.augment, self.epoch = split, seed, augment, 0
         self.has_boxes, self.mask_fn, self.decoder = has_boxes, mask_fn, decoder
+        self.boxes_normalized = boxes_normalized
 
     def __len__(self) -> int:
         return len(self.records)
@@ -54,7 +55,10 @@ class RecordSplit(torch.utils.data.Dataset):
         img_u8, (w, h) = self.pixels(i)
         img = img_u8.astype(np.float32) / 255.0
         item: dict[str, Any] = {"image_id": rec.image_id, "labels": torch.from_numpy(rec.labels.copy())}
-        boxes = self.geometry.boxes(rec.boxes, w, h) if self.has_boxes else None
+        boxes = None
+        if self.has_boxes:  # YOLO stores boxes as fractions of the image: scale by its original size
+            raw = rec.boxes * np.array([w, h, w, h], np.float32) if self.boxes_normalized else rec.boxes
+            boxes = self.geometry.boxes(raw, w, h)
         masks = None
         if self.mask_fn is not None:
             try:
@@ -98,7 +102,8 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def build_bundle(name: str, records: list[Record], class_names: Sequence[str], problems: Problems, *,
                  image_size: int, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
                  cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-                 augment: bool = True, has_boxes: bool = False, box_classes: Sequence[str] | None = None,
+                 augment: bool = True, has_boxes: bool = False,
+                 boxes_normalized: bool = False, box_classes: Sequence[str] | None = None,
                  mask_fn: MaskFn | None = None, mask_check: Callable[[Record, int, int], str | None] | None = None,
                  structures: Sequence[str] = (), decoder: Decoder = load_resized, extras: dict[str, Any] | None = None) -> DatasetBundle:
     """Assign splits (official ones kept), decode into the cache, drop unreadable images per
@@ -144,7 +149,7 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
                             "add data or check the split files")
     report = problems.report()
     splits = {s: RecordSplit(recs, rws, image_cache, geometry, s, seed, augment and s == "train",
-                             has_boxes, mask_fn, decoder) for s, (recs, rws) in by_split.items()}
+                             has_boxes, mask_fn, decoder, boxes_normalized) for s, (recs, rws) in by_split.items()}
     labels = {s: np.stack([r.labels for r in recs]).astype(np.float32) for s, (recs, _) in by_split.items()}
     for s, lab in labels.items():
         empty = [c for c, col in zip(class_names, lab.T) if not np.nansum(col == 1)]

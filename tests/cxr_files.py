@@ -16,7 +16,7 @@ if not SHARED.is_dir():  # worktrees live beside shared/, CI clones beside a cop
     SHARED = Path("/work/shared/data")
 
 
-def chest_like(width: int, height: int, seed: int, lesion: bool = False) -> np.ndarray:
+def chest_like(width: int, height: int, seed: int, lesion: bool = False, noise: float = 0.03) -> np.ndarray:
     """A cheap film-like uint8 image: smooth gradient, two dark lung fields, noise; a bright blob if lesion."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -26,15 +26,17 @@ def chest_like(width: int, height: int, seed: int, lesion: bool = False) -> np.n
         img -= 0.3 * ((((xx - cx) / 0.14) ** 2 + ((yy - 0.47) / 0.28) ** 2) < 1)
     if lesion:
         img += 0.35 * np.exp(-(((xx - 0.3) ** 2 + (yy - 0.45) ** 2) / 0.004))
-    img += rng.normal(0, 0.03, img.shape)
+    if noise:
+        img += rng.normal(0, noise, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def write_png(path: str | Path, width: int = 48, height: int = 48, seed: int = 0, lesion: bool = False) -> Path:
+def write_png(path: str | Path, width: int = 48, height: int = 48, seed: int = 0, lesion: bool = False,
+              noise: float = 0.03) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    Image.fromarray(chest_like(width, height, seed, lesion)).save(path, fmt)
+    Image.fromarray(chest_like(width, height, seed, lesion, noise)).save(path, fmt)
     return path
 
 

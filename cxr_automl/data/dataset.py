@@ -99,6 +99,19 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
+def _box_problem(rec: Record, width: int, height: int) -> str | None:
+    """A box outside its image means the labels belong to another image size (or another image)."""
+    if not len(rec.boxes):
+        return None
+    b = rec.boxes
+    tol = 0.01 * max(width, height) + 1  # annotators' boxes may touch or slightly cross the border
+    if (b[:, 0] < -tol).any() or (b[:, 1] < -tol).any() or (b[:, 2] > width + tol).any() or (b[:, 3] > height + tol).any():
+        bad = b[(b[:, 2] > width + tol) | (b[:, 3] > height + tol) | (b[:, 0] < -tol) | (b[:, 1] < -tol)][0]
+        return (f"{rec.source}: box {[round(float(v), 1) for v in bad]} lies outside {rec.path} "
+                f"({width}x{height}); boxes are in the original image's pixels")
+    return None
+
+
 def build_bundle(name: str, records: list[Record], class_names: Sequence[str], problems: Problems, *,
                  image_size: int, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
                  cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
@@ -124,15 +137,19 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
         for i, reason in sorted(image_cache.failed.items()):
             problems("unreadable", f"{records[i].path} ({records[i].source}): cannot read the image: {reason}")
         keep = [i for i in rows if i not in image_cache.failed]
-        if mask_check is not None:  # masks that cannot fit their image are found now, not mid-epoch
-            checked = []
-            for i in keep:
-                msg = mask_check(records[i], *(int(v) for v in image_cache.sizes[i]))
-                if msg:
-                    problems("mask", msg)
-                else:
-                    checked.append(i)
-            keep = checked
+        checked = []
+        for i in keep:  # boxes and masks that do not fit their image are found now, not mid-epoch
+            w, h = (int(v) for v in image_cache.sizes[i])
+            msg = _box_problem(records[i], w, h) if has_boxes and not boxes_normalized else None
+            if msg:
+                problems("box", msg)
+                continue
+            msg = mask_check(records[i], w, h) if mask_check is not None else None
+            if msg:
+                problems("mask", msg)
+                continue
+            checked.append(i)
+        keep = checked
         records, rows = [records[i] for i in keep], keep
     by_split: dict[str, tuple[list[Record], list[int]]] = {s: ([], []) for s in SPLITS}
     for rec, row in zip(records, rows):

@@ -82,6 +82,8 @@ def decode_raster(path: str | Path) -> np.ndarray:
 
 def decode_image(path: str | Path) -> np.ndarray:
     """Any supported file → float32 (H, W) in [0, 1]."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(str(path))
     return decode_dicom(path) if is_dicom(path) else decode_raster(path)
 
 
@@ -135,6 +137,8 @@ class Geometry:
 def load_resized(path: str | Path, geometry: Geometry) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one file and resize it: uint8 (S, S) and the original (W, H)."""
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(str(p))
     if not is_dicom(p) and p.suffix.lower() in (".jpg", ".jpeg"):
         # JPEG can decode at 1/2, 1/4, 1/8 scale directly (DCT scaling): much faster for big films
         try:

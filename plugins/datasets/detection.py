@@ -9,6 +9,7 @@ COCO segmentations (polygons or RLE, decoded by pycocotools) become ``masks`` (o
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ class CocoMasks:
                 rle = seg
             if tuple(rle["size"]) != (height, width):
                 raise ValueError(f"segmentation is for {rle['size'][1]}x{rle['size'][0]}, image is {width}x{height}")
-            out[cls] |= mask_utils.decode(rle).astype(bool)
+            with warnings.catch_warnings():  # pycocotools' own numpy-2 copy= deprecation, not ours
+                warnings.simplefilter("ignore", DeprecationWarning)
+                out[cls] |= mask_utils.decode(rle).astype(bool)
         return out
 
 

@@ -1,0 +1,189 @@
+"""COCO, YOLO and mask-folder layouts built from covid-seg-100's REAL images, boxes and masks; MedMNIST
+(PneumoniaMNIST, real images); the generic CSV loader and its error messages."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr_automl import registry
+from cxr_files import SHARED, write_png
+
+COVID = SHARED / "covid-seg-100"
+STRUCTURES = ["Cardiomediastinum", "Left Lung", "Right Lung"]
+
+
+def build(name: str, tmp: Path, **kw):
+    return registry.build("dataset", name, cache_dir=str(tmp / "cache"), **kw)
+
+
+def all_items(d) -> dict[str, dict]:
+    return {Path(s[i]["image_id"]).stem: s[i] for s in (d.train, d.val, d.test) for i in range(len(s))}
+
+
+@pytest.fixture(scope="module")
+def covid(tmp_path_factory) -> dict:
+    """covid-seg-100's structure.csv rewritten into COCO, YOLO and mask-folder layouts (40 images).
+
+    Its masks are crops of the box size to be placed at (Left, Top); here they are placed into
+    full-image masks, as those layouts expect."""
+    from pycocotools import mask as mask_utils
+    root = tmp_path_factory.mktemp("covid")
+    rows = [r for r in csv.DictReader(open(COVID / "structure.csv")) if r["Template Name"] in STRUCTURES]
+    images = sorted({r["Image"] for r in rows})[:40]
+    coco = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": n} for k, n in enumerate(STRUCTURES)]}
+    truth: dict[str, list] = {}
+    for k, image in enumerate(images):
+        name = Path(image).name
+        w, h = Image.open(COVID / image).size
+        coco["images"].append({"id": k, "file_name": name, "width": w, "height": h})
+        split = ("train", "train", "train", "val", "test")[k % 5]
+        for d in (root / "yolo" / "images" / split, root / "masks_layout" / "images"):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(COVID / image, root / "yolo" / "images" / split / name)
+        shutil.copy(COVID / image, root / "masks_layout" / "images" / name)
+        yolo_lines = []
+        for r in rows:
+            if r["Image"] != image or not r["Mask"]:
+                continue
+            c = STRUCTURES.index(r["Template Name"])
+            left, top, bw, bh = (int(r[f]) for f in ("Left", "Top", "Width", "Height"))
+            crop = np.asarray(Image.open(COVID / r["Mask"]).convert("RGB")).max(axis=-1) > 0
+            full = np.zeros((h, w), bool)
+            full[top:top + bh, left:left + bw] = crop[:h - top, :w - left]
+            rle = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": k, "category_id": c + 1,
+                                        "bbox": [left, top, bw, bh], "area": int(full.sum()), "iscrowd": 0,
+                                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+            yolo_lines.append(f"{c} {(left + bw / 2) / w} {(top + bh / 2) / h} {bw / w} {bh / h}")
+            truth.setdefault(Path(name).stem, []).append((c, [left, top, left + bw, top + bh], w, h, full))
+            out = root / "masks_layout" / "masks" / r["Template Name"] / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(full.astype(np.uint8) * 255).save(out)
+        lab = root / "yolo" / "labels" / split / f"{Path(name).stem}.txt"
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        lab.write_text("\n".join(yolo_lines) + "\n")
+    (root / "coco.json").write_text(json.dumps(coco))
+    shutil.copytree(root / "masks_layout" / "images", root / "coco_images")
+    (root / "yolo" / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n" +
+        "".join(f"  {k}: {n}\n" for k, n in enumerate(STRUCTURES)))
+    # images lacking one structure's mask cannot be in the mask-folder layout
+    for img in (root / "masks_layout" / "images").iterdir():
+        if not all((root / "masks_layout" / "masks" / s / img.name).exists() for s in STRUCTURES):
+            img.unlink()
+    return {"root": root, "truth": truth}
+
+
+def test_coco_boxes_and_masks_from_real_annotations(covid, tmp_path):
+    root = covid["root"]
+    d = build("coco", tmp_path, annotations=str(root / "coco.json"), images=str(root / "coco_images"),
+              image_size=64, augment=False)
+    assert d.class_names == STRUCTURES and d.extras["structures"] == STRUCTURES
+    items = all_items(d)
+    assert len(items) == 40
+    for stem, anns in covid["truth"].items():
+        item = items[stem]
+        assert item["masks"].shape == (3, 64, 64) and item["masks"].dtype == torch.uint8
+        for c, (x0, y0, x1, y1), w, h, full in anns:
+            exp = torch.tensor([x0 * 64 / w, y0 * 64 / h, x1 * 64 / w, y1 * 64 / h])
+            assert any(torch.allclose(b, exp, atol=1e-3) for b, bc in zip(item["boxes"], item["box_labels"]) if bc == c)
+            ys, xs = np.nonzero(item["masks"][c].numpy())
+            assert len(xs) and xs.min() >= exp[0] - 1 and xs.max() <= exp[2] + 1  # mask inside its box
+            assert abs(item["masks"][c].float().mean() - full.mean()) < 0.03  # same area after resizing
+        assert item["labels"].sum() == len({a[0] for a in anns})
+
+
+def test_yolo_layout_gives_the_same_boxes_as_coco(covid, tmp_path):
+    root = covid["root"]
+    y = build("yolo", tmp_path, data=str(root / "yolo" / "data.yaml"), image_size=64, augment=False)
+    c = build("coco", tmp_path, annotations=str(root / "coco.json"), images=str(root / "coco_images"),
+              image_size=64, augment=False, masks=False)
+    assert y.class_names == STRUCTURES and (len(y.train), len(y.val), len(y.test)) == (24, 8, 8)
+    yi, ci = all_items(y), all_items(c)
+    assert set(yi) == set(ci)
+    for stem in yi:
+        order_y, order_c = np.lexsort(yi[stem]["boxes"].T.numpy()), np.lexsort(ci[stem]["boxes"].T.numpy())
+        assert torch.allclose(yi[stem]["boxes"][order_y], ci[stem]["boxes"][order_c], atol=1e-3)
+        assert torch.equal(yi[stem]["box_labels"][order_y], ci[stem]["box_labels"][order_c])
+    bad = root / "yolo" / "labels" / "train" / next((root / "yolo" / "labels" / "train").iterdir()).name
+    text = bad.read_text()
+    bad.write_text("7 0.5 0.5 0.1 0.1\n" + text)
+    try:
+        with pytest.raises(registry.RegistryError, match=rf"{bad.name}:1: '7 0.5 0.5 0.1 0.1' is not 'class cx cy w h'"):
+            build("yolo", tmp_path, data=str(root / "yolo" / "data.yaml"), image_size=64)
+    finally:
+        bad.write_text(text)
+
+
+def test_mask_folder_with_real_masks(covid, tmp_path):
+    root = covid["root"] / "masks_layout"
+    d = build("mask_folder", tmp_path, root=str(root), image_size=48, fit="pad", augment=False)
+    assert d.extras["structures"] == STRUCTURES and d.class_names == STRUCTURES
+    items = all_items(d)
+    assert len(items) >= 30
+    for stem, item in items.items():
+        assert item["masks"].shape == (3, 48, 48) and item["labels"].tolist() == [1.0, 1.0, 1.0]
+        left, right = item["masks"][1].nonzero()[:, 1].float().mean(), item["masks"][2].nonzero()[:, 1].float().mean()
+        assert left > right  # the patient's left lung is on the image's right in a PA film
+    one = next(iter((root / "masks" / "Left Lung").iterdir()))
+    Image.new("L", (10, 10)).save(one)
+    with pytest.raises(registry.RegistryError, match=rf"{one.name}: mask is 10x10 but .* is \d+x\d+; masks must match"):
+        build("mask_folder", tmp_path, root=str(root), image_size=48)
+
+
+def test_medmnist_official_splits_and_counts(tmp_path):
+    d = build("medmnist", tmp_path, path=str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz"),
+              class_names=["pneumonia"], image_size=32)
+    assert (len(d.train), len(d.val), len(d.test)) == (3882, 524, 624)
+    assert [int(d.label_matrix(s).sum()) for s in ("train", "val", "test")] == [3494, 389, 390]
+    with np.load(SHARED / "pneumoniamnist" / "pneumoniamnist.npz") as z:
+        raw = z["test_images"][5]
+    item = d.test[5]
+    assert item["image"].shape == (1, 32, 32)
+    small = np.asarray(Image.fromarray((item["image"][0].numpy() * 255).astype(np.uint8)).resize((28, 28)))
+    assert np.corrcoef(small.ravel(), raw.ravel())[0, 1] > 0.95  # the same picture, resized
+    low = build("medmnist", tmp_path, path=str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz"),
+                image_size=32, label_fraction=0.1)
+    assert abs(len(low.train) - 388) <= 1 and len(low.val) == 524
+
+
+def test_generic_csv_and_its_errors(tmp_path):
+    rows = [("a/1.png", "p1", "1", "0", ""), ("a/2.png", "p1", "0", "1", "1"), ("b/3.png", "p2", "0", "", "0"),
+            ("b/4.png", "p3", "1", "1", "0"), ("b/5.png", "p4", "0", "0", "1"), ("b/6.png", "p5", "1", "0", "0")]
+    lines = ["file,patient,effusion,nodule,edema"] + [",".join(r) for r in rows]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    for k, r in enumerate(rows):
+        write_png(tmp_path / r[0], 30, 30, seed=k)
+    opts = dict(path=str(tmp_path / "labels.csv"), image_col="file", patient_col="patient",
+                label_cols=["effusion", "nodule", "edema"], image_size=32)
+    d = build("csv", tmp_path, **opts)
+    m = np.concatenate([d.label_matrix(s) for s in ("train", "val", "test")])
+    assert m.shape == (6, 3) and np.isnan(m).sum() == 2 and np.nansum(m) == 7
+    split_of = {r.image_id: s for s in ("train", "val", "test") for r in getattr(d, s).records}
+    assert split_of["a/1.png"] == split_of["a/2.png"]  # one patient, one split
+    with pytest.raises(registry.RegistryError, match=r"labels.csv:1: missing column\(s\) 'pneumonia'"):
+        build("csv", tmp_path, **{**opts, "label_cols": ["effusion", "pneumonia"]})
+    lines[4] = "b/4.png,p3,1,-1,0"
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(registry.RegistryError, match=r"labels.csv:5: column 'nodule' has '-1'; expected one of 1, 0, blank"):
+        build("csv", tmp_path, **opts)
+    d = build("csv", tmp_path, **{**opts, "uncertain": "ignore"})
+    assert np.isnan(np.concatenate([d.label_matrix(s) for s in ("train", "val", "test")])).sum() == 3
+    (tmp_path / "b" / "5.png").write_bytes(b"not an image")
+    with pytest.raises(registry.RegistryError, match=r"5.png \(.*labels.csv:6\): cannot read the image"):
+        build("csv", tmp_path, **{**opts, "uncertain": "ignore"})
+    # findings in one column, NIH-style
+    (tmp_path / "f.csv").write_text("image,findings\na/1.png,Effusion|Nodule\na/2.png,No Finding\nb/3.png,Nodule\n"
+                                    "b/4.png,Edema\nb/6.png,No Finding\n")
+    d = build("csv", tmp_path, path=str(tmp_path / "f.csv"), findings_col="findings", image_size=32, augment=False)
+    assert d.class_names == ["Edema", "Effusion", "Nodule"]
+    items = all_items(d)
+    assert items["1"]["labels"].tolist() == [0.0, 1.0, 1.0] and items["2"]["labels"].tolist() == [0.0, 0.0, 0.0]

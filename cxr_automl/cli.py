@@ -127,6 +127,37 @@ def search(ctx: typer.Context,
     print_summary(result, opts)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check", context_settings=EXTRA)
+def data_check(ctx: typer.Context,
+               as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+               mask_samples: int = typer.Option(200, "--mask-samples", help="Items per split read for mask statistics."),
+               verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Validate a dataset configuration: images found / missing / unreadable, labels per class and split,
+    patients per split, boxes and masks. Exit code 1 when rows had to be skipped.
+
+    Example: [bold]cxr-automl data check dataset=nih_cxr14 dataset.root=/data/nih[/bold]
+    """
+    _setup_logging(verbose)
+    from cxr_automl import datacheck
+    from cxr_automl.data import DataError
+    try:
+        rep = datacheck.check(ctx.args, mask_samples=mask_samples)
+    except (*_user_errors(), DataError) as exc:
+        raise _fail(str(exc))
+    if as_json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        out = Console()
+        for r in datacheck.render(rep):
+            out.print(r, highlight=False, soft_wrap=True)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List every registered component, the distribution it comes from, and whether it loads."""

@@ -67,3 +67,43 @@ def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCH
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def flat_png(path: Path, width: int, height: int, value: int = 100) -> None:
+    """Full-size images whose content does not matter (boxes/RLE refer to the original pixel grid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (width, height), value).save(path)
+
+
+def make_nih(root: Path, n_rows: int) -> Path:
+    """NIH ChestX-ray14 layout: the first ``n_rows`` of the real Data_Entry file, images spread over
+    ``images_00k/images/``, official-style train_val/test lists (every 4th patient in test), the real
+    BBox_List, and three of its boxed images (1024 px) joined with their box finding as label."""
+    import csv
+    labels = SHARED / "labels"
+    lines = (labels / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+    header, rows = lines[0], lines[1:n_rows + 1]
+    boxed: list[list[str]] = []
+    for r in list(csv.reader(open(labels / "BBox_List_2017.csv")))[1:]:
+        if r[0] not in {b[0] for b in boxed} and len(boxed) < 3:
+            boxed.append(r)
+            finding = r[1].replace("Infiltrate", "Infiltration")
+            rows.append(f"{r[0]},{finding},0,{int(r[0][:8])},50,M,PA,1024,1024,0.14,0.14")
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([header, *rows]) + "\n")
+    big = {r[0] for r in csv.reader(open(labels / "BBox_List_2017.csv"))}  # boxes need the real 1024 px grid
+    for i, row in enumerate(rows):
+        name = row.split(",")[0]
+        target = root / f"images_{1 + i % 3:03d}" / "images" / name
+        if name in big:
+            flat_png(target, 1024, 1024)
+        else:
+            write_png(target, 40, 40, seed=i, lesion="No Finding" not in row)
+    patients = sorted({row.split(",")[3] for row in rows})
+    test_patients = set(patients[::4])
+    lists: dict[str, list[str]] = {"train_val_list.txt": [], "test_list.txt": []}
+    for row in rows:
+        lists["test_list.txt" if row.split(",")[3] in test_patients else "train_val_list.txt"].append(row.split(",")[0])
+    for fname, names in lists.items():
+        (root / fname).write_text("\n".join(names) + "\n")
+    (root / "BBox_List_2017.csv").write_text((labels / "BBox_List_2017.csv").read_text())
+    return root

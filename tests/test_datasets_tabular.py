@@ -17,19 +17,13 @@ from cxr_automl.data import DataError
 from cxr_automl_plugins.datasets import siim_acr
 from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES, read_boxes
 from cxr_automl.data.records import Problems
-from cxr_files import SHARED, write_dicom, write_png
+from cxr_files import SHARED, flat_png, make_nih, write_dicom, write_png
 
 LABELS = SHARED / "labels"
 
 
 def build(name: str, tmp: Path, **kw):
     return registry.build("dataset", name, cache_dir=str(tmp / "cache"), **kw)
-
-
-def flat_png(path: Path, width: int, height: int, value: int = 100) -> None:
-    """Full-size images whose content does not matter (boxes/RLE refer to the original pixel grid)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L", (width, height), value).save(path)
 
 
 def patients_of(split) -> set[str]:
@@ -39,33 +33,7 @@ def patients_of(split) -> set[str]:
 # ------------------------------------------------------------------------------------------- NIH
 @pytest.fixture(scope="module")
 def nih_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nih")
-    lines = (LABELS / "Data_Entry_2017_v2020.csv").read_text().splitlines()
-    header, rows = lines[0], lines[1:151]
-    # The sample's first rows have no boxes; three BBox_List images join with their box finding as label.
-    boxed = []
-    for r in list(csv.reader(open(LABELS / "BBox_List_2017.csv")))[1:]:
-        if r[0] not in {b[0] for b in boxed} and len(boxed) < 3:
-            boxed.append(r)
-            rows.append(f"{r[0]},{r[1].replace('Infiltrate', 'Infiltration')},0,{int(r[0][:8])},50,M,PA,1024,1024,0.14,0.14")
-    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join([header, *rows]) + "\n")
-    big = {b[0] for b in boxed}
-    for i, row in enumerate(rows):
-        name = row.split(",")[0]
-        target = root / f"images_{1 + i % 3:03d}" / "images" / name
-        if name in big:
-            flat_png(target, 1024, 1024)
-        else:
-            write_png(target, 40, 40, seed=i, lesion="No Finding" not in row)
-    patients = sorted({row.split(",")[3] for row in rows})
-    test_patients = set(patients[::4])
-    lists = {"train_val_list.txt": [], "test_list.txt": []}
-    for row in rows:
-        lists["test_list.txt" if row.split(",")[3] in test_patients else "train_val_list.txt"].append(row.split(",")[0])
-    for fname, names in lists.items():
-        (root / fname).write_text("\n".join(names) + "\n")
-    (root / "BBox_List_2017.csv").write_text((LABELS / "BBox_List_2017.csv").read_text())
-    return root
+    return make_nih(tmp_path_factory.mktemp("nih"), 150)
 
 
 def test_nih_labels_official_split_and_boxes(nih_root, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cxr_automl import registry
+from cxr_automl.testing.contracts import DatasetContract
 from cxr_files import SHARED, write_png
 
 COVID = SHARED / "covid-seg-100"
@@ -134,9 +135,13 @@ def test_mask_folder_with_real_masks(covid, tmp_path):
         left, right = item["masks"][1].nonzero()[:, 1].float().mean(), item["masks"][2].nonzero()[:, 1].float().mean()
         assert left > right  # the patient's left lung is on the image's right in a PA film
     one = next(iter((root / "masks" / "Left Lung").iterdir()))
+    original = one.read_bytes()
     Image.new("L", (10, 10)).save(one)
-    with pytest.raises(registry.RegistryError, match=rf"{one.name}: mask is 10x10 but .* is \d+x\d+; masks must match"):
-        build("mask_folder", tmp_path, root=str(root), image_size=48)
+    try:
+        with pytest.raises(registry.RegistryError, match=rf"{one.name}: mask is 10x10 but .* is \d+x\d+; masks must match"):
+            build("mask_folder", tmp_path, root=str(root), image_size=48)
+    finally:
+        one.write_bytes(original)
 
 
 def test_medmnist_official_splits_and_counts(tmp_path):
@@ -187,3 +192,14 @@ def test_generic_csv_and_its_errors(tmp_path):
     assert d.class_names == ["Edema", "Effusion", "Nodule"]
     items = all_items(d)
     assert items["1"]["labels"].tolist() == [0.0, 1.0, 1.0] and items["2"]["labels"].tolist() == [0.0, 0.0, 0.0]
+
+
+class TestDatasetContracts(DatasetContract):
+    @pytest.fixture(params=["coco", "yolo", "mask_folder", "medmnist"])
+    def bundle(self, request, covid, tmp_path):
+        root = covid["root"]
+        kw = {"coco": dict(annotations=str(root / "coco.json"), images=str(root / "coco_images")),
+              "yolo": dict(data=str(root / "yolo" / "data.yaml")),
+              "mask_folder": dict(root=str(root / "masks_layout")),
+              "medmnist": dict(path=str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz"))}[request.param]
+        return build(request.param, tmp_path, image_size=32, **kw)

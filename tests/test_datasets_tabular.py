@@ -17,6 +17,7 @@ from cxr_automl.data import DataError
 from cxr_automl_plugins.datasets import siim_acr
 from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES, read_boxes
 from cxr_automl.data.records import Problems
+from cxr_automl.testing.contracts import DatasetContract
 from cxr_files import SHARED, flat_png, make_nih, write_dicom, write_png
 
 LABELS = SHARED / "labels"
@@ -285,3 +286,11 @@ def test_siim_rle_that_does_not_fit(siim_root, tmp_path):
     (root / "train-rle.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(registry.RegistryError, match=r"train-rle.csv:2: EncodedPixels is not a valid RLE"):
         build("siim_acr", tmp_path, root=str(root), image_size=32)
+
+
+class TestDatasetContracts(DatasetContract):
+    @pytest.fixture(params=["nih_cxr14", "chexpert", "vindr_cxr", "siim_acr"])
+    def bundle(self, request, tmp_path):
+        root = request.getfixturevalue({"nih_cxr14": "nih_root", "chexpert": "chexpert_root",
+                                        "vindr_cxr": "vindr_root", "siim_acr": "siim_root"}[request.param])
+        return build(request.param, tmp_path, root=str(root), image_size=32)

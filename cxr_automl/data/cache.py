@@ -63,7 +63,8 @@ class ImageCache:
 
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
+            # a plain ndarray view of the map: indexing a np.memmap pays for subclass bookkeeping per item
+            self._array = np.load(self.path, mmap_mode="r").view(np.ndarray)
         return self._array
 
     def __getstate__(self) -> dict:

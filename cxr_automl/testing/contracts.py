@@ -100,3 +100,38 @@ class StrategyContract:
 
 
 __all__ = ["BackboneContract", "HeadContract", "StrategyContract"]
+
+
+class DatasetContract:
+    """Needs a fixture ``bundle`` (a small ``DatasetBundle``). Checks the item format every head relies on."""
+
+    def test_items_follow_the_interface(self, bundle: DatasetBundle) -> None:
+        import math
+        import pickle
+        c = len(bundle.class_names)
+        for split in ("train", "val", "test"):
+            ds = getattr(bundle, split)
+            assert len(ds) > 0, split
+            labels = bundle.label_matrix(split)
+            assert labels.shape == (len(ds), c) and labels.dtype == torch.float32
+            assert all(math.isnan(v) or v in (0.0, 1.0) for v in labels.flatten().tolist())
+            for i in sorted({0, len(ds) - 1}):
+                item = ds[i]
+                img = item["image"]
+                assert img.dtype == torch.float32 and img.ndim == 3 and img.shape[0] == bundle.channels
+                assert 0 <= float(img.min()) and float(img.max()) <= 1
+                assert isinstance(item["image_id"], str)
+                assert torch.equal(item["labels"].nan_to_num(-1), labels[i].nan_to_num(-1))
+                if "boxes" in item:
+                    boxes, cls = item["boxes"], item["box_labels"]
+                    assert boxes.dtype == torch.float32 and boxes.ndim == 2 and boxes.shape[1] == 4
+                    assert cls.dtype == torch.int64 and cls.shape == (len(boxes),)
+                    assert bool((boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all())
+                    assert bool((boxes >= 0).all() and (boxes[:, [0, 2]] <= img.shape[2]).all()
+                                and (boxes[:, [1, 3]] <= img.shape[1]).all())
+                if "masks" in item:
+                    masks = item["masks"]
+                    assert masks.dtype in (torch.uint8, torch.bool) and masks.ndim == 3
+                    assert masks.shape[1:] == img.shape[1:] and int(masks.max()) <= 1
+        clone = pickle.loads(pickle.dumps(bundle.train))  # DataLoader workers receive a pickled split
+        assert torch.equal(clone[0]["image"], bundle.train[0]["image"])

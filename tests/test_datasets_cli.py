@@ -60,3 +60,18 @@ def test_data_check_summarises_and_flags(nih, in_tmp):
         assert "Traceback" not in out.stderr
     finally:
         img.write_bytes(data)
+
+
+@pytest.mark.slow
+def test_search_on_a_real_dataset_reuses_one_cache(in_tmp, dataset_cache):
+    """Two trials of a search on PneumoniaMNIST (real images, official splits) at a 10 % label fraction."""
+    import optuna
+    from cxr_files import SHARED
+    (in_tmp / "space.yaml").write_text("metric: val/macro_auc\nn_trials: 2\noverrides: [strategy=finetune]\n"
+                                       "params:\n  strategy.lr_head: tag(log, interval(1.0e-4, 1.0e-2))\n")
+    run_cli("search", "-s", "space.yaml", "--study", "mm", "-n", "2", "--pruner", "none",
+            "dataset=medmnist", f"dataset.path={SHARED / 'pneumoniamnist' / 'pneumoniamnist.npz'}",
+            "dataset.label_fraction=0.1", "strategy.epochs=1", *SMALL, cwd=in_tmp)
+    study = optuna.load_study(study_name="mm", storage=f"sqlite:///{in_tmp}/runs/cxr-automl.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert len(list((dataset_cache / "medmnist").glob("*.npy"))) == 1  # both trials read the same cache

@@ -203,3 +203,33 @@ class TestDatasetContracts(DatasetContract):
               "mask_folder": dict(root=str(root / "masks_layout")),
               "medmnist": dict(path=str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz"))}[request.param]
         return build(request.param, tmp_path, image_size=32, **kw)
+
+
+def test_chestx_det_json_with_polygons(covid, tmp_path):
+    """covid-seg-100's real images and boxes in ChestX-Det's JSON layout (box corners as polygons)."""
+    root = tmp_path / "cxd"
+    shutil.copytree(covid["root"] / "coco_images", root / "train")
+    entries = []
+    for stem, anns in sorted(covid["truth"].items()):
+        entries.append({"file_name": f"{stem}.png", "syms": [STRUCTURES[c] for c, *_ in anns],
+                        "boxes": [b for _, b, *_ in anns],
+                        "polygons": [[[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]]] for _, b, *_ in anns]})
+    (root / "train.json").write_text(json.dumps(entries[:30]))
+    (root / "test.json").write_text(json.dumps(entries[30:]))
+    d = build("chestx_det", tmp_path, root=str(root), train_json="train.json", test_json="test.json",
+              image_size=64, augment=False)
+    assert d.class_names == sorted(STRUCTURES) and len(d.test) == 10 and len(d.train) + len(d.val) == 30
+    items = all_items(d)
+    for stem, anns in covid["truth"].items():
+        item = items[stem]
+        for c, (x0, y0, x1, y1), w, h, _ in anns:
+            k = d.class_names.index(STRUCTURES[c])
+            exp = torch.tensor([x0 * 64 / w, y0 * 64 / h, x1 * 64 / w, y1 * 64 / h])
+            assert any(torch.allclose(b, exp, atol=1e-3) for b, bc in zip(item["boxes"], item["box_labels"]) if bc == k)
+            ys, xs = np.nonzero(item["masks"][k].numpy())  # the polygon is the box: its mask fills it
+            assert xs.min() >= exp[0] - 1 and xs.max() <= exp[2] + 1 and ys.min() >= exp[1] - 1
+    entries[3]["boxes"] = entries[3]["boxes"][:-1]
+    (root / "train.json").write_text(json.dumps(entries[:30]))
+    n = len(entries[3]["syms"])
+    with pytest.raises(registry.RegistryError, match=rf"train.json:\[3\]: {n} syms, {n - 1} boxes, {n} polygons; expected one"):
+        build("chestx_det", tmp_path, root=str(root), train_json="train.json", test_json="test.json", image_size=64)

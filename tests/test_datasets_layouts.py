@@ -233,3 +233,18 @@ def test_chestx_det_json_with_polygons(covid, tmp_path):
     n = len(entries[3]["syms"])
     with pytest.raises(registry.RegistryError, match=rf"train.json:\[3\]: {n} syms, {n - 1} boxes, {n} polygons; expected one"):
         build("chestx_det", tmp_path, root=str(root), train_json="train.json", test_json="test.json", image_size=64)
+
+
+def test_tbx11k_layout_is_coco_with_val_as_test(covid, tmp_path):
+    root = tmp_path / "TBX11K"
+    doc = json.loads((covid["root"] / "coco.json").read_text())
+    (root / "annotations" / "json").mkdir(parents=True)
+    for name, images in (("TBX11K_train.json", doc["images"][:30]), ("TBX11K_val.json", doc["images"][30:])):
+        ids = {im["id"] for im in images}
+        part = {**doc, "images": [{**im, "file_name": f"sick/{im['file_name']}"} for im in images],
+                "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}
+        (root / "annotations" / "json" / name).write_text(json.dumps(part))
+    shutil.copytree(covid["root"] / "coco_images", root / "imgs" / "sick")
+    d = build("tbx11k", tmp_path, root=str(root), image_size=32)
+    assert len(d.test) == 10 and len(d.train) + len(d.val) == 30 and d.class_names == STRUCTURES
+    assert "masks" not in d.train[0] and len(d.train[0]["boxes"]) > 0

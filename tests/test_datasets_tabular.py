@@ -294,3 +294,29 @@ class TestDatasetContracts(DatasetContract):
         root = request.getfixturevalue({"nih_cxr14": "nih_root", "chexpert": "chexpert_root",
                                         "vindr_cxr": "vindr_root", "siim_acr": "siim_root"}[request.param])
         return build(request.param, tmp_path, root=str(root), image_size=32)
+
+
+def test_chexpert_valid_csv_is_the_official_test_split(chexpert_root, tmp_path):
+    import shutil
+    root = tmp_path / "CheXpert-v1.0-small"
+    shutil.copytree(chexpert_root, root)
+    lines = (root / "train.csv").read_text().splitlines()
+    last = {ln.split("/")[2] for ln in lines[-40:]}  # the last patients become "valid"
+    keep = [ln for ln in lines[1:] if ln.split("/")[2] not in last]
+    valid = [ln.replace("/train/", "/valid/") for ln in lines[1:] if ln.split("/")[2] in last]
+    (root / "train.csv").write_text("\n".join([lines[0], *keep]) + "\n")
+    (root / "valid.csv").write_text("\n".join([lines[0], *valid]) + "\n")
+    shutil.move(str(root / "train"), str(root / "all"))
+    for ln in keep + valid:
+        rel = next(csv.reader([ln]))[0].split("/", 1)[1]
+        src = root / "all" / rel.split("/", 1)[1]
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / rel)
+    d = build("chexpert", tmp_path, root=str(root), image_size=32)
+    frontal_valid = sum("Frontal" in ln for ln in valid)
+    assert len(d.test) == frontal_valid and all("/valid/" in r.image_id for r in d.test.records)
+    assert patients_of(d.test) == last - {p for p in last if not any(
+        p in ln and "Frontal" in ln for ln in valid)}
+    assert not patients_of(d.train) & patients_of(d.val)
+    d2 = build("chexpert", tmp_path, root=str(root), image_size=32, valid_as="val")
+    assert len(d2.val) == frontal_valid and len(d2.test) > 0

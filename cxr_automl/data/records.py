@@ -157,8 +157,9 @@ def patient_split(patients: list[str], fractions: tuple[float, float, float] = (
     n = len(uniq)
     n_val = round(n * fractions[1])
     n_test = round(n * fractions[2])
-    if n >= 3:
-        n_val, n_test = max(1, n_val), max(1, n_test)
+    if n >= 3:  # a requested split is never empty just because the dataset is small
+        n_val = max(1, n_val) if fractions[1] > 0 else 0
+        n_test = max(1, n_test) if fractions[2] > 0 else 0
     n_train = n - n_val - n_test
     order = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     return dict(zip(uniq, order))
@@ -167,21 +168,23 @@ def patient_split(patients: list[str], fractions: tuple[float, float, float] = (
 def assign_splits(records: list[Record], seed: int, val_fraction: float = 0.1) -> None:
     """Fill in ``split`` where the dataset has no official one.
 
-    - no record has a split: patient-level 80/10/10;
-    - official train (and test) but no val: ``val_fraction`` of the training patients become val;
-    a patient with records in an official test split stays out of train/val.
+    - no record has a split: patient-level ``1 - 2f`` / ``f`` / ``f`` with ``f = val_fraction``;
+    - official splits but no val (or no test): ``val_fraction`` of the training patients become the
+      missing split(s); official val/test assignments are never changed.
     """
     if all(r.split is None for r in records):
         table = patient_split([r.patient for r in records], (1 - 2 * val_fraction, val_fraction, val_fraction), seed)
         for r in records:
             r.split = table[r.patient]
         return
-    if not any(r.split == "val" for r in records):
+    missing = [s for s in ("val", "test") if not any(r.split == s for r in records)]
+    if missing:
         pool = [r.patient for r in records if r.split in (None, "train")]
-        table = patient_split(pool, (1 - val_fraction, val_fraction, 0.0), seed)
+        fr = {s: (val_fraction if s in missing else 0.0) for s in ("val", "test")}
+        table = patient_split(pool, (1 - fr["val"] - fr["test"], fr["val"], fr["test"]), seed)
         for r in records:
             if r.split in (None, "train"):
-                r.split = "val" if table[r.patient] == "val" else "train"
+                r.split = table[r.patient]
     for r in records:
         if r.split is None:
             r.split = "train"

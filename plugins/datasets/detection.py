@@ -125,6 +125,21 @@ def coco(annotations: Any = "data/coco/annotations.json", images: str | None = N
                         structures=classes if has_masks else ())
 
 
+def tbx11k(root: str = "data/TBX11K", train_json: str = "annotations/json/TBX11K_train.json",
+           val_json: str = "annotations/json/TBX11K_val.json", images: str = "imgs", image_size: int = 224,
+           fit: str = "stretch", cache: bool = True, cache_dir: str | None = None, cache_workers: int = 0,
+           seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0, on_error: str = "raise",
+           augment: bool = True) -> DatasetBundle:
+    """TBX11K as published: COCO JSONs for train and val, images under ``imgs/{health,sick,tb}/``.
+    Its test labels are withheld, so the official val set is the test split here and val is
+    ``val_fraction`` of train. Images without a box (healthy, sick-but-not-TB) are all-negative."""
+    base = Path(root).expanduser()
+    return coco(annotations={"train": str(base / train_json), "test": str(base / val_json)}, images=str(base / images),
+                masks=False, image_size=image_size, fit=fit, cache=cache, cache_dir=cache_dir,
+                cache_workers=cache_workers, seed=seed, val_fraction=val_fraction, label_fraction=label_fraction,
+                on_error=on_error, augment=augment)
+
+
 def _yolo_names(doc: dict, where: Path) -> list[str]:
     names = doc.get("names")
     if isinstance(names, dict):

@@ -4,8 +4,9 @@ a resnet18 training step spent waiting for data with the cache.
 Writes ``--n`` NIH-sized (1024×1024 8-bit PNG) film-like images and a labels CSV into a temp folder,
 then, with the generic ``csv`` loader at ``--image-size``:
 
-1. loader throughput (images/s through a DataLoader, batch 32) from the cache and from the files,
-   measured alternately ``--repeats`` times; prints both and the ratio;
+1. loader throughput (images/s through a DataLoader, batch 32, one torch thread as in a loader
+   worker) from the cache and from the files, measured alternately ``--repeats`` times; prints both
+   and the ratio;
 2. one epoch of ``cxr-automl``'s own loop (resnet18, all blocks training) with the cache and without,
    reporting the loop's own ``train/data_wait_share`` (target with the cache: < 10 %).
 
@@ -76,6 +77,11 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         files = registry.build("dataset", "csv", **opts, cache=False)
         print(f"cache built once in {build_s:.1f} s ({args.n / build_s:.0f} images/s)")
+        # The loader part runs single-threaded, as DataLoader workers do: with workers=0 the batch is
+        # stacked in this process, and torch's multi-threaded stack on a busy 2-core machine measures
+        # OpenMP contention (8-200 ms per batch here), not the data path.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         loader_rate(cached.train, args.workers, args.batch)  # warm-up: page cache, first torch calls
         loader_rate(files.train, args.workers, args.batch)
         rates: dict[str, list[float]] = {"cache": [], "files": []}
@@ -88,6 +94,7 @@ def main() -> None:
         print(f"  from the cache      {c:8.0f} images/s")
         print(f"  decoding the files  {f:8.0f} images/s")
         print(f"  ratio cache/files   {c / f:8.1f} x")
+        torch.set_num_threads(threads)
         if args.skip_train:
             return
         from cxr_automl import config

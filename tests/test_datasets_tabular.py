@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cxr_automl import registry
-from cxr_automl.data import DataError
 from cxr_automl_plugins.datasets import siim_acr
 from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES, read_boxes
 from cxr_automl.data.records import Problems

@@ -104,15 +104,20 @@ def _build(paths: list[str], geometry: Geometry, npy: Path, meta: Path, workers:
             failed[i] = "file not found"
         except (ImageReadError, OSError) as exc:
             failed[i] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem, named
+            failed[i] = f"{type(exc).__name__}: {exc}"
 
     # Threads, not processes: Pillow and pydicom's numpy work release the GIL for most of a decode.
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for done, _ in enumerate(pool.map(work, range(n)), 1):
-            if done % max(1, n // 10) == 0 and n >= 1000:
-                log.info("%s: cached %d/%d images (%.0f s)", dataset, done, n, time.perf_counter() - t0)
-    arr.flush()
-    del arr
-    os.replace(tmp, npy)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for done, _ in enumerate(pool.map(work, range(n)), 1):
+                if done % max(1, n // 10) == 0 and n >= 1000:
+                    log.info("%s: cached %d/%d images (%.0f s)", dataset, done, n, time.perf_counter() - t0)
+        arr.flush()
+        arr = None  # unmap before publishing
+        os.replace(tmp, npy)
+    finally:  # an interrupted build leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
     tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps({"dataset": dataset, "size": s, "fit": geometry.fit, "n": n,
                                     "sizes": sizes.tolist(), "failed": {str(k): v for k, v in failed.items()},

@@ -128,7 +128,7 @@ class Trainer:
             size = self.model.backbone.input_spec.size
             example = self.model.adapter(torch.rand(2, self.data.channels, size, size, device=self.device))
             self.model.backbone = maybe_compile(self.model.backbone, example)
-        self.optimizer = torch.optim.AdamW(self.strategy.param_groups(self.model))
+        self.optimizer = self.strategy.optimizer(self.strategy.param_groups(self.model))
         self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
@@ -155,6 +155,7 @@ class Trainer:
             self.epoch += 1
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
+        self.strategy.export(self.model, self.run_dir)
         return self.test()
 
     def train_loader(self) -> DataLoader:
@@ -192,7 +193,7 @@ class Trainer:
             batch = {k_: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                      for k_, v in batch.items()}
             with autocast_context(self.device, self.tc.precision):
-                outputs = self.model(images)
+                outputs = self.strategy.forward(self.model, images, batch)
                 loss = self.strategy.loss(self.model, outputs, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

@@ -160,3 +160,27 @@ def test_mlvicx_trains_end_to_end_and_its_encoder_loads_as_backbone_weights(in_t
     # and a downstream run picks it up through the config
     run_cli("train", *TINY, "strategy=finetune", "strategy.epochs=1", f"backbone.weights={run / 'encoder.pt'}",
             "backbone.strict=true", "run_dir=runs/down", cwd=in_tmp)
+
+
+def test_table_iv_ablation_space_is_exactly_its_three_arms():
+    from cxr_automl import searchspace
+    space = searchspace.load("mlvicx_ablation")
+    assert space.n_trials == len(space.baselines) == 3
+    arms = {cfg["strategy.loss_terms"] for cfg in space.baselines.values()}
+    assert arms == {"both", "global", "local"}
+    for fixed in space.baselines.values():
+        cfg = config.compose([*space.overrides, *(f"{k}={v}" for k, v in fixed.items())])
+        assert cfg["strategy"]["loss_terms"] == fixed["strategy.loss_terms"] and cfg["head"]["name"] == "linear"
+
+
+@pytest.mark.slow
+def test_mlvicx_search_space_runs_end_to_end(in_tmp):
+    tiny = [o for o in TINY if not o.startswith("head.")]  # the space sets head=linear
+    run_cli("search", "-s", "mlvicx", "-n", "2", *tiny, "strategy.expander_dim=32", "strategy.epochs=2",
+            "strategy.downstream_epochs=2", cwd=in_tmp)
+    import optuna
+    study = optuna.load_study(study_name="mlvicx", storage=f"sqlite:///{in_tmp / 'runs' / 'cxr-automl.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and all(0 <= t.value <= 1 for t in done)
+    assert {"strategy.lambda_l", "strategy.num_levels", "strategy.gamma"} <= set(done[1].params)
+    assert (in_tmp / "runs" / "mlvicx" / "trial_0001" / "encoder.pt").is_file()

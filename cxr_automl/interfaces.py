@@ -216,6 +216,12 @@ class Strategy(abc.ABC):
         """Called once after the last epoch (also when an already finished run is re-run), before the
         test evaluation: write artefacts such as a pretrained encoder into ``run_dir``."""
 
+    def schedule(self) -> list[Any] | None:
+        """Optional: every epoch's plan as data computed from the configuration alone (no model, no
+        data), for ``cxr-automl plan``. Rows have ``as_dict()`` or are dicts with at least epoch,
+        dataset, task, fraction, mode and trainable. ``None``: the plan depends on the model."""
+        return None
+
     def monitor(self) -> str:
         """Name of the validation metric that selects the best epoch and feeds Optuna."""
         return "val/macro_auc"

@@ -150,11 +150,13 @@ class Strategy(abc.ABC):
 
     Hooks in call order::
 
+        prepare_data(data)                       once, before the model is built (default: data as is)
         setup(model, data)                       once, before the optimizer is built
         param_groups(model)                      once: the optimizer's parameter groups
         optimizer(groups)                        once: the optimizer over them (default AdamW)
         for epoch in range(epochs):
             plan(epoch, model)                   start of every epoch: EpochPlan
+            train_indices(epoch, n)              which training items this epoch uses (default all)
             for batch: outputs = forward(model, images, batch)   (default model(images))
                        loss(model, outputs, batch)  then after_step(model) after every optimizer step
             eval_model(model)                    the module evaluated on validation
@@ -165,6 +167,11 @@ class Strategy(abc.ABC):
 
     #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
     epochs: int = 1
+
+    def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
+        """Called once with the run's dataset, before the model is built (the head is sized from the
+        result): a strategy that trains on several datasets composes them here."""
+        return data
 
     def setup(self, model: "nn.Module", data: DatasetBundle) -> None:
         """Called once before training, e.g. to derive class weights from the training labels."""
@@ -188,6 +195,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def plan(self, epoch: int, model: "nn.Module") -> EpochPlan:
         """Called at the start of every epoch (0-based)."""
+
+    def train_indices(self, epoch: int, n: int) -> Sequence[int] | None:
+        """Called at the start of every epoch, after ``plan``: the indices of the ``n`` training items
+        this epoch visits (shuffled by the loop), or None for all (e.g. a Lock epoch on half of one
+        dataset). The LR schedule still counts full epochs."""
+        return None
 
     def forward(self, model: "nn.Module", images: torch.Tensor, batch: dict[str, Any]) -> Any:
         """Called for every training micro-batch, inside autocast, in place of ``model(images)``.

@@ -5,6 +5,12 @@ One cycle visits every (dataset, task) pair; each visit is a **Lock** epoch on a
 segmentation decoder) frozen and only the dataset's own head/decoder training, then a **Release**
 epoch on all of it with the task's whole path training (Algorithm 1, Table 8 of the supplement).
 
+Training follows the schedule in the one loop: ``prepare_data`` composes the datasets
+(``datasets/multi.py``), ``plan`` unfreezes the row's path, ``train_indices`` picks the row's dataset
+(a random half in Lock epochs), ``forward``/``loss`` add the student-teacher consistency and
+``after_epoch`` updates the EMA teacher. Classification trains now; localization and segmentation
+rows wait for their heads.
+
 ``schedule(...)`` is a pure function: the same configuration always gives the same rows, no model
 or data is built, so ``cxr-automl plan`` can print it and the trainable strategy can follow it epoch
 by epoch. Component names: ``backbone``, ``loc_encoder``, ``seg_decoder`` (shared) and
@@ -13,12 +19,17 @@ by epoch. Component names: ``backbone``, ``loc_encoder``, ``seg_decoder`` (share
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl import registry
+from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Head, Strategy
+from cxr_automl_plugins.datasets.multi import compose
+from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
 
 TASKS = ("cls", "loc", "seg")
 TASK_NAMES = {"cls": "classification", "loc": "localization", "seg": "segmentation"}
@@ -134,41 +145,140 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
     return rows
 
 
-class LockRelease(Strategy):
-    """Holds the schedule; training it needs the multi-dataset data and the localization and
-    segmentation heads, which are not in this build yet — ``setup`` says so instead of guessing."""
+def resized_head(template: Head, num_classes: int) -> Head:
+    """A copy of ``template`` whose last Linear layer outputs ``num_classes`` (a per-dataset head of
+    the configured kind: ``linear`` is Foundation X's, ``mlp`` gets its own hidden layers too)."""
+    head = copy.deepcopy(template)
+    linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"lock_release needs a head ending in a Linear layer; {type(template).__name__} has none")
+    name, last = linears[-1]
+    parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
+    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+    return head
 
-    def __init__(self, rows: list[ScheduleRow], momentum: float, consistency: float, options: dict[str, Any]):
-        self.rows = rows
+
+class DatasetHeads(Head):
+    """One classification head per dataset; logits are concatenated into the union label columns
+    (``multi.compose``), so the usual masked BCE trains a head only on its own dataset's images."""
+
+    task = "classification"
+
+    def __init__(self, template: Head, members: dict[str, dict[str, Any]]):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: resized_head(template, len(m["columns"])) for name, m in members.items()})
+
+    def forward(self, feats: BackboneOutput) -> torch.Tensor:
+        return torch.cat([h(feats) for h in self.heads.values()], dim=1)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return next(iter(self.heads.values())).loss(outputs, batch, class_weights)
+
+
+class LockRelease(Strategy):
+    """Follows ``schedule`` epoch by epoch. Classification across datasets trains now; localization
+    and segmentation rows need their heads, so ``prepare_data`` refuses them with a clear message."""
+
+    def __init__(self, rows: list[ScheduleRow], datasets: list[dict[str, Any]], teacher: bool, momentum: float,
+                 consistency: float, consistency_kind: str, lr_backbone: float, lr_head: float,
+                 weight_decay: float, seed: int):
+        self.rows, self.datasets = rows, datasets
         self.epochs = len(rows)
-        self.momentum, self.consistency = momentum, consistency
-        self.options = options
+        self.teacher, self.momentum, self.consistency, self.consistency_kind = \
+            teacher, momentum, consistency, consistency_kind
+        self.lr_backbone, self.lr_head, self.weight_decay, self.seed = lr_backbone, lr_head, weight_decay, seed
+        self.members: dict[str, dict[str, Any]] | None = None
+        self.model: nn.Module | None = None
 
     def schedule(self) -> list[ScheduleRow]:
         return list(self.rows)
 
+    def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
+        """Compose the datasets: an entry with ``dataset: {name: PLUGIN, ...}`` builds that dataset,
+        one without it uses the run's dataset."""
+        dense = sorted({d["name"] for d in self.datasets if set(d["tasks"]) - {"cls"}})
+        if dense:
+            raise ValueError(f"lock_release trains classification only in this build; datasets {', '.join(dense)} "
+                             "have loc/seg tasks, which need the localization/segmentation heads "
+                             "(`cxr-automl plan` shows their schedule)")
+        bundles = {}
+        for d in self.datasets:
+            node = dict(d.get("dataset") or {})
+            bundles[d["name"]] = registry.build("dataset", node.pop("name"), **node) if node else data
+        composed = compose(bundles)
+        self.members = composed.extras["members"]
+        return composed
+
     def setup(self, model: nn.Module, data: DatasetBundle) -> None:
-        raise ValueError("strategy lock_release cannot train yet: it needs the multi-dataset loader and the "
-                         "localization/segmentation heads; `cxr-automl plan strategy=lock_release` shows its schedule")
+        """Per-dataset heads of the configured kind replace the single head; the teacher starts as an
+        exact copy of the backbone (``model.teacher``)."""
+        if self.members is None:
+            raise ValueError("lock_release: prepare_data() must run before setup()")
+        model.head = DatasetHeads(model.head, self.members)
+        if self.teacher:
+            model.teacher = Teacher({"backbone": model.backbone})
+        self.model = model
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:  # pragma: no cover - setup refuses first
-        return []
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": list(model.backbone.parameters()), "lr": self.lr_backbone, "name": "backbone",
+                 "weight_decay": self.weight_decay},
+                {"params": list(model.head.parameters()), "lr": self.lr_head, "name": "heads",
+                 "weight_decay": self.weight_decay}]
 
-    def plan(self, epoch: int, model: nn.Module) -> EpochPlan:  # pragma: no cover - setup refuses first
+    def plan(self, epoch: int, model: nn.Module) -> EpochPlan:
         row = self.rows[epoch]
-        return EpochPlan(phase=f"{row.mode}:{row.dataset}:{row.task}", trainable=[])
+        trainable = [model.head.heads[row.dataset]]
+        if row.components.get("backbone"):
+            trainable.append(model.backbone)
+        return EpochPlan(phase=f"{row.mode} {row.dataset}/{row.task}", trainable=trainable)
+
+    def train_indices(self, epoch: int, n: int) -> list[int]:
+        """The row's dataset; in a Lock epoch a random ``lock_fraction`` of it, seeded by (seed, epoch)."""
+        row = self.rows[epoch]
+        start, stop = self.members[row.dataset]["train"]
+        count = stop - start
+        if row.fraction >= 1:
+            return list(range(start, stop))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        keep = torch.randperm(count, generator=gen)[:max(1, round(row.fraction * count))]
+        return sorted(start + int(i) for i in keep)
+
+    def forward(self, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x = model.adapter(images)
+        feats = model.backbone(x)
+        out = {"logits": model.head(feats), "student": feats.pooled}
+        if self.teacher:
+            out["teacher"] = model.teacher("backbone", x).pooled
+        return out
+
+    def loss(self, model: nn.Module, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        task = model.head.loss(outputs["logits"], batch)
+        if not self.teacher:
+            return task
+        return mix(task, consistency_loss(outputs["student"], outputs["teacher"], self.consistency_kind),
+                   self.consistency)
+
+    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+        """The teacher's epoch-wise EMA update (the run's state, so it is checkpointed with the model)."""
+        if self.teacher and self.rows[epoch].teacher_update and self.model is not None:
+            self.model.teacher.update({"backbone": self.model.backbone}, self.momentum)
+        return False
 
 
 def lock_release(datasets: list | None = None, cycles: int = 1, lock: bool = True, lock_fraction: float = 0.5,
                  lock_classification: bool = False, order: str = "by_dataset", task_order: str = "cls-loc-seg",
-                 teacher: bool = True, momentum: float = 0.8, consistency: float = 0.5) -> LockRelease:
-    """Foundation X. ``datasets``: [{name, tasks: [cls|loc|seg...], dataset: {...}, structure: ...}];
+                 teacher: bool = True, momentum: float = 0.8, consistency: float = 0.5,
+                 consistency_kind: str = "mse", lr_backbone: float = 1e-5, lr_head: float = 1e-4,
+                 weight_decay: float = 0.05, seed: int = 0) -> LockRelease:
+    """Foundation X. ``datasets``: [{name, tasks: [cls|loc|seg...], dataset: {name: PLUGIN, ...}, structure}];
     ``order``: by_dataset (Algorithm 1) | by_task (Table 8); ``lock``/``teacher``: Table 10's switches;
     ``momentum``: λ of the teacher EMA; ``consistency``: c in (1−c)·task + c·consistency."""
     if not 0 <= momentum <= 1 or not 0 <= consistency <= 1:
         raise ScheduleError("strategy.momentum and strategy.consistency must be in [0, 1]")
-    options = {"cycles": cycles, "lock": lock, "lock_fraction": lock_fraction,
-               "lock_classification": lock_classification, "order": order, "task_order": task_order,
-               "teacher": teacher}
-    rows = schedule(datasets, **options)
-    return LockRelease(rows, momentum, consistency, options)
+    if consistency_kind not in CONSISTENCY:
+        raise ScheduleError(f"strategy.consistency_kind={consistency_kind!r}; use one of {', '.join(CONSISTENCY)}")
+    rows = schedule(datasets, cycles=cycles, lock=lock, lock_fraction=lock_fraction,
+                    lock_classification=lock_classification, order=order, task_order=task_order, teacher=teacher)
+    return LockRelease(rows, parse_datasets(datasets), teacher, momentum, consistency, consistency_kind,
+                       lr_backbone, lr_head, weight_decay, seed)

@@ -184,3 +184,19 @@ def test_mlvicx_search_space_runs_end_to_end(in_tmp):
     assert len(done) == 2 and all(0 <= t.value <= 1 for t in done)
     assert {"strategy.lambda_l", "strategy.num_levels", "strategy.gamma"} <= set(done[1].params)
     assert (in_tmp / "runs" / "mlvicx" / "trial_0001" / "encoder.pt").is_file()
+
+
+def test_backbone_without_stage_modules_is_refined_post_hoc(tmp_path, monkeypatch):
+    from cxr_automl_plugins.backbones.resnet import TimmResNet
+
+    def no_stages(self):
+        raise NotImplementedError
+
+    monkeypatch.setattr(TimmResNet, "stage_modules", no_stages)
+    trainer = Trainer(config.compose([*TINY, *SMALL]), tmp_path)
+    model, strategy = trainer.model, trainer.strategy
+    assert strategy.inline is False
+    model.train()
+    out = strategy.forward(model, torch.rand(4, 1, 64, 64), {})
+    strategy.loss(model, out, {}).backward()
+    assert all(p.grad is not None for p in model.mlvicx.bottlenecks.parameters())

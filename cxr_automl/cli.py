@@ -156,6 +156,24 @@ def data_check(ctx: typer.Context,
             out.print(r, highlight=False, soft_wrap=True)
     if not rep.ok:
         raise typer.Exit(1)
+@app.command(context_settings=EXTRA)
+def plan(ctx: typer.Context,
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows).")) -> None:
+    """Print a strategy's epoch-by-epoch schedule without training: epoch, dataset, task, data
+    fraction, mode (lock/release) and which components train.
+
+    Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
+    """
+    from cxr_automl import plan as plan_mod
+    try:
+        name, rows = plan_mod.schedule_rows(ctx.args)
+    except (*_user_errors(), plan_mod.PlanError) as exc:
+        raise _fail(str(exc))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    # not a terminal (a pipe, a log): wide enough that the table never wraps
+    Console(width=None if sys.stdout.isatty() else 200).print(plan_mod.render(name, rows))
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -60,6 +61,15 @@ class Backbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         """Encode a normalised (N, C, H, W) batch."""
+
+    def stage_modules(self) -> Sequence[nn.Module]:
+        """Optional: the modules whose outputs are ``BackboneOutput.features``, in the same order.
+
+        Called by strategies that refine intermediate maps *inline* (mlvicx's context bottlenecks
+        replace a stage's output through a forward hook, so the refined map feeds the next stage).
+        A backbone without it still works with them, refined post hoc only.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its stage modules")
 
     @abc.abstractmethod
     def blocks(self) -> Sequence[nn.Module]:
@@ -140,18 +150,28 @@ class Strategy(abc.ABC):
 
     Hooks in call order::
 
+        prepare_data(data)                       once, before the model is built (default: data as is)
         setup(model, data)                       once, before the optimizer is built
         param_groups(model)                      once: the optimizer's parameter groups
+        optimizer(groups)                        once: the optimizer over them (default AdamW)
         for epoch in range(epochs):
             plan(epoch, model)                   start of every epoch: EpochPlan
-            for batch: loss(model, outputs, batch)  then after_step(model) after every optimizer step
+            train_indices(epoch, n)              which training items this epoch uses (default all)
+            for batch: outputs = forward(model, images, batch)   (default model(images))
+                       loss(model, outputs, batch)  then after_step(model) after every optimizer step
             eval_model(model)                    the module evaluated on validation
             after_epoch(epoch, val_metrics)      returns True to stop early
+        export(model, run_dir)                   once after the last epoch, before the test
         state_dict() / load_state_dict()         saved in / restored from every checkpoint
     """
 
     #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
     epochs: int = 1
+
+    def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
+        """Called once with the run's dataset, before the model is built (the head is sized from the
+        result): a strategy that trains on several datasets composes them here."""
+        return data
 
     def setup(self, model: "nn.Module", data: DatasetBundle) -> None:
         """Called once before training, e.g. to derive class weights from the training labels."""
@@ -164,9 +184,31 @@ class Strategy(abc.ABC):
         the optimizer skips them, so one optimizer and one LR schedule serve the whole run.
         """
 
+    def optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """Called once, right after ``param_groups``: the optimizer over those groups.
+
+        The default is AdamW; a strategy whose method prescribes another (mlvicx: LARS) overrides it.
+        The loop's LR schedule scales every group's ``lr`` whatever the optimizer.
+        """
+        return torch.optim.AdamW(param_groups)
+
     @abc.abstractmethod
     def plan(self, epoch: int, model: "nn.Module") -> EpochPlan:
         """Called at the start of every epoch (0-based)."""
+
+    def train_indices(self, epoch: int, n: int) -> Sequence[int] | None:
+        """Called at the start of every epoch, after ``plan``: the indices of the ``n`` training items
+        this epoch visits (shuffled by the loop), or None for all (e.g. a Lock epoch on half of one
+        dataset). The LR schedule still counts full epochs."""
+        return None
+
+    def forward(self, model: "nn.Module", images: torch.Tensor, batch: dict[str, Any]) -> Any:
+        """Called for every training micro-batch, inside autocast, in place of ``model(images)``.
+
+        Whatever it returns is what ``loss`` receives as ``outputs``. Self-supervised strategies
+        build their augmented views and embeddings here; evaluation never calls it.
+        """
+        return model(images)
 
     def loss(self, model: "nn.Module", outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss composition; the default is the head's own loss."""
@@ -182,6 +224,16 @@ class Strategy(abc.ABC):
     def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
         """Called after each validation. Return True to stop training (early stopping)."""
         return False
+
+    def export(self, model: "nn.Module", run_dir: "Path") -> None:
+        """Called once after the last epoch (also when an already finished run is re-run), before the
+        test evaluation: write artefacts such as a pretrained encoder into ``run_dir``."""
+
+    def schedule(self) -> list[Any] | None:
+        """Optional: every epoch's plan as data computed from the configuration alone (no model, no
+        data), for ``cxr-automl plan``. Rows have ``as_dict()`` or are dicts with at least epoch,
+        dataset, task, fraction, mode and trainable. ``None``: the plan depends on the model."""
+        return None
 
     def monitor(self) -> str:
         """Name of the validation metric that selects the best epoch and feeds Optuna."""

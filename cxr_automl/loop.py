@@ -45,17 +45,21 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch, index)`` in an order seeded by (seed, epoch)."""
+    """Yields ``(epoch, index)`` in an order seeded by (seed, epoch); ``indices`` restricts an epoch to
+    part of the split (``Strategy.train_indices``), None means all of it."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.indices: list[int] | None = None
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.indices is None else len(self.indices)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter([(self.epoch, int(i)) for i in torch.randperm(self.n, generator=gen)])
+        order = torch.randperm(len(self), generator=gen).tolist()
+        pool = range(self.n) if self.indices is None else self.indices
+        return iter([(self.epoch, int(pool[i])) for i in order])
 
 
 class EpochDataset(torch.utils.data.Dataset):
@@ -117,9 +121,10 @@ class Trainer:
         seed_everything(self.tc.seed, self.tc.deterministic)
         d_cfg = dict(self.cfg["dataset"])
         self.data: DatasetBundle = registry.build("dataset", d_cfg.pop("name"), **d_cfg)
-        self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
         s_cfg = dict(self.cfg["strategy"])
         self.strategy: Strategy = registry.build("strategy", s_cfg.pop("name"), **s_cfg)
+        self.data = self.strategy.prepare_data(self.data)  # e.g. several datasets composed into one
+        self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
         self.strategy.setup(self.model, self.data)
         self.model.to(self.device)
         if self.tc.channels_last:
@@ -128,7 +133,7 @@ class Trainer:
             size = self.model.backbone.input_spec.size
             example = self.model.adapter(torch.rand(2, self.data.channels, size, size, device=self.device))
             self.model.backbone = maybe_compile(self.model.backbone, example)
-        self.optimizer = torch.optim.AdamW(self.strategy.param_groups(self.model))
+        self.optimizer = self.strategy.optimizer(self.strategy.param_groups(self.model))
         self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
@@ -155,6 +160,7 @@ class Trainer:
             self.epoch += 1
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
+        self.strategy.export(self.model, self.run_dir)
         return self.test()
 
     def train_loader(self) -> DataLoader:
@@ -170,6 +176,8 @@ class Trainer:
                                             # global RNG that dropout draws from
                                             generator=torch.Generator().manual_seed(self.tc.seed))
         self._sampler.epoch = self.epoch
+        indices = self.strategy.train_indices(self.epoch, len(self.data.train))
+        self._sampler.indices = None if indices is None else list(indices)
         return self._train_loader
 
     def train_epoch(self, plan: EpochPlan) -> dict[str, float]:
@@ -192,7 +200,7 @@ class Trainer:
             batch = {k_: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                      for k_, v in batch.items()}
             with autocast_context(self.device, self.tc.precision):
-                outputs = self.model(images)
+                outputs = self.strategy.forward(self.model, images, batch)
                 loss = self.strategy.loss(self.model, outputs, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

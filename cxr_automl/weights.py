@@ -44,7 +44,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: nn.Module, path: str | Path, strict: bool = False,
-              prefixes: tuple[str, ...] = ("module.", "backbone.", "encoder.", "model.")) -> None:
+              prefixes: tuple[str, ...] = ("module.", "backbone.", "encoder.", "model.", "net.")) -> None:
     """Load ``path`` into ``module``, stripping common prefixes and classifier keys; report mismatches."""
     state = read_state_dict(path)
     own = module.state_dict()

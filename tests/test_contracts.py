@@ -40,7 +40,12 @@ class TestHeads(HeadContract):
 class TestStrategies(StrategyContract):
     @pytest.fixture(params=_built_in("strategy"))
     def strategy(self, request):
-        cfg = config.compose([f"strategy={request.param}", "strategy.epochs=3"])["strategy"]
+        # lock_release's epochs follow its schedule; its shipped Table 8 datasets need dense heads
+        extra = {"lock_release": ["strategy.datasets=[{name: a, tasks: [cls]}, {name: b, tasks: [cls]}]",
+                                  "strategy.lock_classification=true"],
+                 "mlvicx": ["strategy.epochs=3", "strategy.expander_dim=32", "strategy.downstream_epochs=1"]}
+        cfg = config.compose([f"strategy={request.param}",
+                              *extra.get(request.param, ["strategy.epochs=3"])])["strategy"]
         return registry.build("strategy", cfg.pop("name"), **cfg)
 
     @pytest.fixture

@@ -80,6 +80,7 @@ class StrategyContract:
 
     def test_hooks_in_order_and_state_roundtrip(self, strategy: Strategy, model: torch.nn.Module,
                                                 data: DatasetBundle) -> None:
+        data = strategy.prepare_data(data)  # a multi-dataset strategy composes; the head is re-sized in setup
         strategy.setup(model, data)
         groups = strategy.param_groups(model)
         assert groups and all("params" in g and "lr" in g for g in groups)
@@ -90,7 +91,7 @@ class StrategyContract:
             assert {id(p) for m in plan.trainable for p in m.parameters()} <= optimizable, \
                 "a trainable parameter is missing from param_groups"
         batch = {"labels": torch.zeros(2, len(data.class_names))}
-        out = model(torch.rand(2, data.channels, 32, 32))
+        out = strategy.forward(model, torch.rand(2, data.channels, 32, 32), batch)
         assert torch.isfinite(strategy.loss(model, out, batch))
         strategy.after_step(model)
         assert isinstance(strategy.eval_model(model), torch.nn.Module)

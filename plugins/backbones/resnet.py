@@ -36,6 +36,9 @@ class TimmResNet(Backbone):
             feats.append(x)
         return BackboneOutput(pooled=x.mean(dim=(2, 3)), features=feats)
 
+    def stage_modules(self) -> Sequence[nn.Module]:
+        return list(self.stages)
+
     def blocks(self) -> Sequence[nn.Module]:
         return [self.stem, *[blk for stage in self.stages for blk in stage]]
 

@@ -222,13 +222,35 @@ def load_or_generate(params: dict, cache_dir: str | None) -> tuple[dict[str, dic
     return data, path
 
 
+def keep_label_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Labels with all but a seeded ``fraction`` of the rows set to NaN (unknown); at least one row stays.
+
+    Images keep their place, so self-supervised pretraining still sees all of them while every
+    supervised loss (which masks NaN) learns from the labelled fraction only.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction={fraction} must be in (0, 1]; e.g. 0.01, 0.1, 0.3 or 1")
+    if fraction == 1:
+        return labels
+    n = len(labels)
+    keep = np.random.default_rng([seed, 7_919]).permutation(n)[:max(1, round(fraction * n))]
+    out = np.full_like(labels, np.nan)
+    out[keep] = labels[keep]
+    return out
+
+
 def synthetic_cxr(n_train: int = 1000, n_val: int = 250, n_test: int = 250, image_size: int = 128,
-                  seed: int = 0, cache_dir: str | None = None, augment: bool = True) -> DatasetBundle:
-    """Seeded synthetic chest X-rays (multi-label findings, boxes, masks), cached after the first call."""
+                  seed: int = 0, cache_dir: str | None = None, augment: bool = True,
+                  label_fraction: float = 1.0) -> DatasetBundle:
+    """Seeded synthetic chest X-rays (multi-label findings, boxes, masks), cached after the first call.
+
+    ``label_fraction`` keeps the training labels of a seeded subset of images (the rest are unknown),
+    for label-efficiency protocols such as MLVICX's 1/10/30/100 %."""
     if image_size < 32:
         raise ValueError(f"image_size={image_size} is too small to draw anatomy; use 32 or more")
     params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size, "seed": seed}
     data, path = load_or_generate(params, cache_dir)
+    data["train"]["labels"] = keep_label_fraction(data["train"]["labels"], float(label_fraction), seed)
     splits = {s: SyntheticSplit(data[s], s, seed, augment and s == "train") for s in SPLITS}
     return DatasetBundle(train=splits["train"], val=splits["val"], test=splits["test"], class_names=list(CLASSES),
                          task="classification", channels=1,

@@ -176,7 +176,8 @@ def worker(ctx: typer.Context,
     Example (inside sbatch --array): [bold]cxr-automl worker --study spft --storage journal:runs/cxr-automl.log[/bold]
     """
     _setup_logging(verbose)
-    from cxr_automl import launch
+    from cxr_automl import launch, workers as workers_mod
+    workers_mod.requeue_on_usr2()
     index = worker_index if worker_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     spec = launch.WorkerSpec(study=study, storage=storage, search_space=search_space, overrides=tuple(ctx.args),
                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,

@@ -121,3 +121,23 @@ class Heartbeat:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+
+
+def requeue_on_usr2() -> None:
+    """For plain ``sbatch`` workers (submitit does this itself for its tasks): on SIGUSR2, Slurm's
+    warning before a time limit or preemption (``--signal=USR2@120``), requeue this task and exit; the
+    requeued run takes back its trial (:func:`adopt_own_trial`) and resumes its last epoch checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    me = identity()
+    if not me.startswith("slurm:") or not hasattr(signal, "SIGUSR2"):
+        return
+
+    def handler(signum, frame):
+        job = me.removeprefix("slurm:")
+        log.warning("SIGUSR2: requeueing %s; its trial resumes from its last epoch checkpoint", job)
+        subprocess.run(["scontrol", "requeue", job], check=False)
+        sys.exit(0)
+
+    signal.signal(signal.SIGUSR2, handler)

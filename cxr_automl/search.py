@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,8 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
     """
     from cxr_automl import workers
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # we run the heartbeat ourselves (workers.Heartbeat) around ask/tell, which Optuna warns about
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     study = storage_mod.retry(lambda: optuna.load_study(
         study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
         pruner=make_pruner(opts.pruner)), opts.storage)

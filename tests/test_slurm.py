@@ -50,7 +50,7 @@ def _search(tmp: Path, n: int, workers: int, *extra: str) -> list[str]:
     (tmp / "space.yaml").write_text(SPACE)
     return ["search", "-s", "space.yaml", "--study", "s", "-n", str(n), "--launcher", "slurm",
             "--workers", str(workers), "--storage", f"journal:{tmp / 'study.log'}", "--pruner", "none",
-            "--slurm.partition", "debug", "--slurm.cpus-per-task", "1", "--slurm.time", "20", *extra, *TINY]
+            "--slurm.partition", "debug", "--slurm.cpus-per-task", "1", "--slurm.time", "20", *TINY, *extra]
 
 
 def _wait(cond, what: str, timeout: float = 300):
@@ -112,10 +112,10 @@ def test_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_the_other(slu
     assert retry.params == victim.params and retry.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
     assert retry.user_attrs["worker"] != victim.user_attrs["worker"]  # a live worker took it over
     epochs = (Path(retry.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    assert [int(__import__("json").loads(line)["epoch"]) for line in epochs] == list(range(1, 9))
+    assert [int(__import__("json").loads(line)["epoch"]) for line in epochs] == list(range(8))
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
     logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
-    assert re.search(r"resumed .*trial_%04d at epoch [2-7]" % victim.number, logs), logs[-3000:]
+    assert re.search(r"resumed .*trial_%04d at epoch [1-7]" % victim.number, logs), logs[-3000:]
 
 
 @pytest.mark.parametrize("how", ["preempt_usr2", "scontrol_requeue"])
@@ -147,4 +147,4 @@ def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, h
     epochs = (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(epochs) == 8
     logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
-    assert re.search(r"resumed .*trial_0000 at epoch [2-7]", logs), logs[-3000:]
+    assert re.search(r"resumed .*trial_0000 at epoch [1-7]", logs), logs[-3000:]

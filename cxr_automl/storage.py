@@ -10,6 +10,7 @@ system attributes, which lets Optuna's ``fail_stale_trials`` treat both alike.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -124,7 +125,9 @@ def _transient() -> tuple[type[BaseException], ...]:
 def retry(fn: Callable[[], T], spec: str, delays: tuple[float, ...] | None = None) -> T:
     """Call ``fn``; while the storage is unreachable, retry after each of ``delays`` seconds, then raise
     one clear :class:`StorageUnavailableError` (finished trials stay in the storage)."""
-    delays = RETRY_DELAYS if delays is None else delays
+    if delays is None:  # CXR_AUTOML_STORAGE_RETRY_DELAYS="1,2,4" overrides the default schedule
+        env = os.environ.get("CXR_AUTOML_STORAGE_RETRY_DELAYS")
+        delays = tuple(float(x) for x in env.split(",") if x.strip()) if env else RETRY_DELAYS
     start = time.monotonic()
     for attempt in range(len(delays) + 1):
         try:

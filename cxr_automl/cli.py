@@ -204,6 +204,36 @@ def status(study: list[str] = typer.Option(None, "--study", help="Study name (re
 
 
 @app.command()
+def report(storage: str = typer.Option(..., "--storage"),
+           study: list[str] = typer.Option(None, "--study", help="Study to compare (repeatable); default: all."),
+           out: Path = typer.Option(Path("report.html"), "--out", "-o")) -> None:
+    """One self-contained HTML page comparing studies: best values, histories, importances, parallel
+    coordinates, learning curves, per-class AUC of each best trial."""
+    from cxr_automl import report as report_mod
+    from cxr_automl import storage as storage_mod
+    try:
+        path = report_mod.write_report(storage_mod.open_storage(storage), storage, study or None, out)
+    except (_storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    Console().print(f"wrote {path}")
+
+
+@app.command()
+def dashboard(storage: str = typer.Option(..., "--storage"),
+              host: str = typer.Option("127.0.0.1", "--host", help="Loopback by default; 0.0.0.0 exposes it."),
+              port: int = typer.Option(8080, "--port")) -> None:
+    """Serve optuna-dashboard on the study storage (every trial's user attrs: components, run dir, metrics)."""
+    from optuna_dashboard import run_server
+    from cxr_automl import storage as storage_mod
+    try:
+        opened = storage_mod.open_storage(storage)
+    except (_storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    console.print(f"optuna-dashboard on http://{host}:{port} for {storage} (Ctrl-C to stop)")
+    run_server(opened, host=host, port=port)
+
+
+@app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List every registered component, the distribution it comes from, and whether it loads."""
     from cxr_automl import registry

@@ -70,7 +70,7 @@ def _client(spec: str, name: str, seconds: float, out: mp.Queue) -> None:
     import warnings
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")  # the heartbeat-outside-optimize notice, once per client
-    study = optuna.load_study(study_name=name, storage=open_storage(spec, workers=8))
+    study = optuna.load_study(study_name=name, storage=open_storage(spec))
     n, end = 0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         trial = study.ask()

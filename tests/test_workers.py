@@ -148,3 +148,19 @@ def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(pos
     status = run_cli("status", "--storage", postgres_url, "--study", name, "--json", cwd=in_tmp)
     row = json.loads(status.stdout)[0]
     assert row["finished"] == 3 and row["target"] == 3 and row["best"]["value"] == study.best_value
+
+
+def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
+    import submitit
+    from cxr_automl.launch import SlurmOptions, parse_minutes
+    assert [parse_minutes(t) for t in ("90", "1:30", "02:00:00", "1-0", "1-2:30")] == [90, 2, 120, 1440, 1590]
+    with pytest.raises(ValueError, match="--slurm.time 'soon'"):
+        parse_minutes("soon")
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    ex.update_parameters(**SlurmOptions(partition="gpu", gpus_per_task=1, cpus_per_task=8, mem="32G", time="12:00:00",
+                                        account="acc", qos="high", constraint="a100").executor_parameters(4, "s"))
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    for flag in ("--partition=gpu", "--gpus-per-task=1", "--cpus-per-task=8", "--mem=32G", "--time=720",
+                 "--account=acc", "--qos=high", "--constraint=a100", "--signal=USR2@120"):
+        assert f"#SBATCH {flag}\n" in text, flag
+    assert ex._executor.parameters["array_parallelism"] == 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -136,9 +137,14 @@ def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> 
     try:
         _watch(spec.study, spec.storage, target, lambda: any(p.poll() is None for p, _ in procs))
     except KeyboardInterrupt:
-        for p, _ in procs:  # each worker fails its trial as interrupted and re-enqueues it (resumable)
+        # A terminal Ctrl-C already reached the workers (same process group); each fails its trial as
+        # interrupted and re-enqueues it (resumable). Only workers still running after a while get one.
+        deadline = time.time() + 10
+        while time.time() < deadline and any(p.poll() is None for p, _ in procs):
+            time.sleep(0.2)
+        for p, _ in procs:
             if p.poll() is None:
-                p.send_signal(2)
+                p.send_signal(signal.SIGINT)
         for p, _ in procs:
             p.wait(timeout=120)
         raise

@@ -96,6 +96,21 @@ def search(ctx: typer.Context,
            sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes"),
            pruner: str = typer.Option("median", "--pruner", help="median | hyperband | successive_halving | none"),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+           launcher: str = typer.Option("local", "--launcher",
+                                        help="local (N processes here) | slurm (one array job of N tasks) | "
+                                             "none (create the study only, for slurm/worker.sbatch)"),
+           workers: int = typer.Option(1, "--workers", "-w", help="Workers sharing the study."),
+           heartbeat_interval: int = typer.Option(30, "--heartbeat-interval", help="Seconds between heartbeats."),
+           grace_period: int = typer.Option(120, "--grace-period",
+                                            help="A running trial silent this long is failed and re-run."),
+           slurm_partition: Optional[str] = typer.Option(None, "--slurm.partition"),
+           slurm_gpus_per_task: Optional[int] = typer.Option(None, "--slurm.gpus-per-task"),
+           slurm_cpus_per_task: Optional[int] = typer.Option(None, "--slurm.cpus-per-task"),
+           slurm_mem: Optional[str] = typer.Option(None, "--slurm.mem", help="e.g. 16G"),
+           slurm_time: Optional[str] = typer.Option(None, "--slurm.time", help="minutes or [D-]HH:MM:SS"),
+           slurm_account: Optional[str] = typer.Option(None, "--slurm.account"),
+           slurm_qos: Optional[str] = typer.Option(None, "--slurm.qos"),
+           slurm_constraint: Optional[str] = typer.Option(None, "--slurm.constraint"),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Search training recipes with Optuna; every trial is a full training run.
 
@@ -109,7 +124,10 @@ def search(ctx: typer.Context,
         space = searchspace.load(search_space)
         runs_root = Path("runs")
         runs_root.mkdir(exist_ok=True)
-        url = storage or f"sqlite:///{runs_root / 'cxr-automl.db'}"
+        from cxr_automl import storage as storage_mod
+        if launcher not in ("local", "slurm", "none") or workers < 1:
+            raise ValueError(f"--launcher {launcher!r} --workers {workers}: use local|slurm|none and workers >= 1")
+        url = storage or storage_mod.default_spec(runs_root, workers)
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
@@ -117,8 +135,16 @@ def search(ctx: typer.Context,
     except (*_user_errors(), ValueError) as exc:
         raise _fail(str(exc))
     try:
-        result = search_mod.search(opts)
-    except _user_errors() as exc:
+        if launcher == "local" and workers == 1:
+            result = search_mod.search(opts)
+        else:
+            from cxr_automl import launch_cli
+            result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, dict(
+                partition=slurm_partition, gpus_per_task=slurm_gpus_per_task, cpus_per_task=slurm_cpus_per_task,
+                mem=slurm_mem, time=slurm_time, account=slurm_account, qos=slurm_qos, constraint=slurm_constraint))
+            if result is None:
+                return
+    except (*_user_errors(), _storage_error(), RuntimeError, ValueError) as exc:
         raise _fail(str(exc))
     except KeyboardInterrupt:
         raise _fail(f"interrupted; finished trials are kept in {url} (study {opts.study_name}); "
@@ -174,6 +200,84 @@ def plan(ctx: typer.Context,
         return
     # not a terminal (a pipe, a log): wide enough that the table never wraps
     Console(width=None if sys.stdout.isatty() else 200).print(plan_mod.render(name, rows))
+def _storage_error() -> type[BaseException]:
+    from cxr_automl.storage import StorageUnavailableError
+    return StorageUnavailableError
+
+
+@app.command(context_settings=EXTRA)
+def worker(ctx: typer.Context,
+           study: str = typer.Option(..., "--study", help="Study created by cxr-automl search."),
+           storage: str = typer.Option(..., "--storage", help="journal:PATH | PATH.log | postgresql://... | sqlite:///..."),
+           search_space: Optional[str] = typer.Option(None, "--search-space", "-s",
+                                                      help="Default: the one recorded in the study."),
+           worker_index: int = typer.Option(-1, "--worker-index",
+                                            help="Offsets the sampler seed; default $SLURM_ARRAY_TASK_ID or 0."),
+           workers: int = typer.Option(2, "--workers", help="How many workers share the storage (for warnings)."),
+           heartbeat_interval: int = typer.Option(30, "--heartbeat-interval"),
+           grace_period: int = typer.Option(120, "--grace-period"),
+           poll_seconds: float = typer.Option(5.0, "--poll-seconds", help="Wait between checks when all slots run."),
+           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """One worker: run the study's trials until it holds its target number of finished trials.
+
+    Example (inside sbatch --array): [bold]cxr-automl worker --study spft --storage journal:runs/cxr-automl.log[/bold]
+    """
+    _setup_logging(verbose)
+    from cxr_automl import launch, workers as workers_mod
+    workers_mod.requeue_on_usr2()
+    index = worker_index if worker_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    spec = launch.WorkerSpec(study=study, storage=storage, search_space=search_space, overrides=tuple(ctx.args),
+                             heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                             poll_seconds=poll_seconds)
+    try:
+        finished = launch.run_worker(spec, index, workers)
+    except (*_user_errors(), _storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    except KeyboardInterrupt:
+        raise _fail("interrupted; the running trial was re-enqueued and resumes from its checkpoint", 130)
+    console.print(f"worker {index}: study {study} holds {finished} finished trials")
+
+
+@app.command()
+def status(study: list[str] = typer.Option(None, "--study", help="Study name (repeatable); default: all."),
+           storage: str = typer.Option(..., "--storage"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Trials by state, live workers and the best trial so far, per study."""
+    from cxr_automl import launch_cli
+    try:
+        launch_cli.print_status(storage, study or None, as_json)
+    except (_storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+
+
+@app.command()
+def report(storage: str = typer.Option(..., "--storage"),
+           study: list[str] = typer.Option(None, "--study", help="Study to compare (repeatable); default: all."),
+           out: Path = typer.Option(Path("report.html"), "--out", "-o")) -> None:
+    """One self-contained HTML page comparing studies: best values, histories, importances, parallel
+    coordinates, learning curves, per-class AUC of each best trial."""
+    from cxr_automl import report as report_mod
+    from cxr_automl import storage as storage_mod
+    try:
+        path = report_mod.write_report(storage_mod.open_storage(storage), storage, study or None, out)
+    except (_storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    Console().print(f"wrote {path}")
+
+
+@app.command()
+def dashboard(storage: str = typer.Option(..., "--storage"),
+              host: str = typer.Option("127.0.0.1", "--host", help="Loopback by default; 0.0.0.0 exposes it."),
+              port: int = typer.Option(8080, "--port")) -> None:
+    """Serve optuna-dashboard on the study storage (every trial's user attrs: components, run dir, metrics)."""
+    from optuna_dashboard import run_server
+    from cxr_automl import storage as storage_mod
+    try:
+        opened = storage_mod.open_storage(storage)
+    except (_storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    console.print(f"optuna-dashboard on http://{host}:{port} for {storage} (Ctrl-C to stop)")
+    run_server(opened, host=host, port=port)
 
 
 @app.command()

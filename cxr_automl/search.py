@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from rich.progress import Progress
 
 from cxr_automl import config as config_mod
 from cxr_automl import run as run_mod
+from cxr_automl import storage as storage_mod
 from cxr_automl.callbacks import make_progress
 from cxr_automl.loop import Callback, Trainer
 from cxr_automl.searchspace import SearchSpace, format_value, lookup
@@ -140,6 +143,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, opts: SearchOptions, pro
         trial.set_user_attr("fail_reason", f"metric {opts.space.metric} was never computed")
         study.tell(trial, state=TrialState.FAIL)
         return
+    if n_finished(study) >= opts.n_trials:  # other workers reached the target meanwhile: do not overshoot
+        trial.set_user_attr("fail_reason", "surplus: the study reached its target while this trial ran")
+        study.tell(trial, state=TrialState.FAIL)
+        return
     study.tell(trial, value)
 
 
@@ -147,29 +154,101 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def search(opts: SearchOptions) -> optuna.Study:
-    """Run trials until the study holds ``opts.n_trials`` finished trials; return the study."""
+def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str) -> optuna.Study:
+    """Create (or load) the study, record everything a worker needs in its user attrs (so
+    ``cxr-automl worker --study S --storage URL`` needs nothing else), enqueue the baselines.
+    Runs once, before any worker starts: concurrent first creation of an RDB schema races."""
     config_mod.compose([*opts.space.overrides, *opts.overrides])  # fail fast on a bad override
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
-    study = optuna.create_study(storage=opts.storage, study_name=opts.study_name, load_if_exists=True,
-                                direction=opts.space.direction, sampler=make_sampler(opts.sampler, opts.seed),
-                                pruner=make_pruner(opts.pruner))
-    study.set_user_attr("search_space", str(opts.space.path))
-    study.set_user_attr("metric", opts.space.metric)
+    study = storage_mod.retry(lambda: optuna.create_study(
+        storage=storage, study_name=opts.study_name, load_if_exists=True, direction=opts.space.direction,
+        sampler=make_sampler(opts.sampler, opts.seed), pruner=make_pruner(opts.pruner)), opts.storage)
+    for key, value in {"search_space": str(Path(opts.space.path).resolve()) if opts.space.path else None,
+                       "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,
+                       "pruner": opts.pruner, "seed": opts.seed, "overrides": list(opts.overrides),
+                       "runs_root": str(Path(opts.runs_root).resolve())}.items():
+        study.set_user_attr(key, value)
     enqueue_baselines(study, opts)
+    return study
+
+
+def options_from_study(study_name: str, storage: optuna.storages.BaseStorage, spec: str,
+                       search_space: str | None = None, overrides: tuple[str, ...] = ()) -> SearchOptions:
+    """What ``create_study`` recorded, plus a worker's own extra overrides."""
+    from cxr_automl import searchspace
+    try:
+        attrs = storage_mod.retry(lambda: optuna.load_study(study_name=study_name, storage=storage), spec).user_attrs
+    except KeyError:
+        raise ValueError(f"no study {study_name!r} in {spec}; create it first with cxr-automl search "
+                         "(e.g. --launcher none)") from None
+    space_ref = search_space or attrs.get("search_space")
+    if not space_ref or "n_trials" not in attrs:
+        raise ValueError(f"study {study_name!r} in {spec} was not created by cxr-automl search; pass --search-space")
+    return SearchOptions(space=searchspace.load(space_ref), n_trials=int(attrs["n_trials"]), storage=spec,
+                         study_name=study_name, sampler=attrs.get("sampler", "tpe"),
+                         pruner=attrs.get("pruner", "median"), seed=int(attrs.get("seed", 0)),
+                         overrides=(*attrs.get("overrides", ()), *overrides),
+                         runs_root=Path(attrs.get("runs_root", "runs")))
+
+
+def search(opts: SearchOptions) -> optuna.Study:
+    """One process: create the study and run one worker until it holds ``opts.n_trials`` finished trials."""
+    storage = storage_mod.open_storage(opts.storage)
+    create_study(opts, storage)
+    return worker(opts, storage)
+
+
+def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int = 0,
+           poll_seconds: float = 5.0) -> optuna.Study:
+    """Ask the shared study for trials and run them until it holds its target number of finished
+    trials (``n_trials`` in the study's user attrs, re-read every round so several workers agree).
+
+    Exactly-once accounting with many workers: a worker only asks while finished + running trials are
+    below the target, and hands a trial back (FAIL "surplus", re-enqueued) when a concurrent ask beat
+    it to the last slot. Running trials beat a heartbeat; a dead worker's trial goes stale, is failed
+    and re-enqueued with its run dir (storage.requeue_stale_trial). A requeued SLURM task first takes
+    back the trial it was running (workers.adopt_own_trial), resuming its checkpoint.
+    """
+    from cxr_automl import workers
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # we run the heartbeat ourselves (workers.Heartbeat) around ask/tell, which Optuna warns about
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    study = storage_mod.retry(lambda: optuna.load_study(
+        study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
+        pruner=make_pruner(opts.pruner)), opts.storage)
+    me = workers.identity()
+    adopted = workers.adopt_own_trial(study, me)
     failures_in_a_row = 0
     with make_progress() as progress:
-        bar = progress.add_task("trials", total=opts.n_trials, completed=n_finished(study), info="")
-        while n_finished(study) < opts.n_trials:
-            if failures_in_a_row >= max(3, opts.n_trials):
-                progress.console.print("[red]too many failed trials in a row; stopping[/red]")
-                break
-            trial = study.ask(fixed_distributions=opts.space.params)
-            run_trial(study, trial, opts, progress)
+        bar = progress.add_task(f"trials ({me})", total=opts.n_trials, completed=n_finished(study), info="")
+        while True:
+            trial = adopted
+            adopted = None
+            if trial is None:
+                opts.n_trials = int(study.user_attrs.get("n_trials", opts.n_trials))
+                status = workers.slots(study, opts.n_trials)
+                if status == "done":
+                    break
+                if failures_in_a_row >= max(3, opts.n_trials):
+                    progress.console.print("[red]too many failed trials in a row; stopping[/red]")
+                    break
+                if status == "full":  # the rest are running elsewhere; wait in case one dies
+                    time.sleep(poll_seconds)
+                    continue
+                trial = storage_mod.retry(lambda: study.ask(fixed_distributions=opts.space.params), opts.storage)
+                if not workers.claim(study, trial, opts.n_trials, me):
+                    continue
+            with workers.Heartbeat(study, trial):
+                try:
+                    run_trial(study, trial, opts, progress)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    progress.console.print(f"[yellow]trial {trial.number} was declared stale and handed to "
+                                           "another worker; moving on[/yellow]")
+                    continue
             state = study.get_trials(deepcopy=False)[trial.number].state
             failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
             best = _best_value(study)
-            progress.update(bar, completed=n_finished(study),
+            progress.update(bar, total=opts.n_trials, completed=n_finished(study),
                             info="" if best is None else f"best {opts.space.metric} {best:.4f}")
     return study
 

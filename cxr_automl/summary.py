@@ -57,5 +57,5 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
                                "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
                                "reproduce": "cxr-automl train " + " ".join(overrides)}, indent=2))
     console.print(f"best run: {run_dir}\nstudy:    {opts.storage} (study {study.study_name}); "
-                  f"view with: optuna-dashboard {opts.storage}\nsummary:  {out}\n"
+                  f"view with: cxr-automl dashboard --storage {opts.storage}\nsummary:  {out}\n"
                   f"reproduce: cxr-automl train {' '.join(overrides)}")

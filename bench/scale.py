@@ -1,0 +1,174 @@
+"""Cluster-scale search, measured; ratios printed side by side in one run.
+
+    python bench/scale.py                     # all three sections
+    python bench/scale.py --only storage      # storage | slurm | pruning
+
+- slurm:   finished trials per hour with 1 vs 2 workers, each an array task on the local dev cluster
+           (slurm/dev-cluster/start.sh must have run; target >= 1.7x on a machine with >= 2 free cores).
+- storage: ask/tell throughput (trials/s, summed over clients) of the journal file, SQLite and
+           PostgreSQL (CXR_TEST_POSTGRES_URL, default the one .ci/services.sh starts), 1-8 clients.
+- pruning: epochs spent to reach the unpruned search's best value, without vs with the median pruner,
+           on the embedded synthetic_cxr benchmark (same random-sampler seed: both see the same recipes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("CXR_TEST_POSTGRES_URL", "postgresql://cxr:cxr@127.0.0.1:5432/cxr_test")
+SMALL = ["dataset.n_train=256", "dataset.n_val=96", "dataset.n_test=96", "dataset.image_size=64",
+         "backbone.width=8", "backbone.image_size=64", "head.hidden=32", "trainer.batch_size=32",
+         "trainer.progress=false"]
+SPACE = """\
+metric: val/macro_auc
+overrides: [strategy=spft]
+params:
+  strategy.unfreeze_k: range(0, 4)
+  strategy.lr_head: tag(log, interval(1.0e-4, 3.0e-2))
+  strategy.lr_backbone: tag(log, interval(1.0e-5, 1.0e-2))
+  strategy.ema_decay: interval(0.5, 0.99)
+"""
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_automl.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, check=True)
+
+
+# ---------------------------------------------------------------- slurm: trials/hour, 1 vs 2 workers
+def bench_slurm(n_trials: int) -> None:
+    rates = {}
+    for workers in (1, 2):
+        tmp = Path(tempfile.mkdtemp(prefix=f"scale-slurm{workers}-"))
+        (tmp / "space.yaml").write_text(SPACE)
+        start = time.perf_counter()
+        cli("search", "-s", "space.yaml", "--study", "s", "-n", str(n_trials), "--launcher", "slurm",
+            "--workers", str(workers), "--storage", f"journal:{tmp / 's.log'}", "--pruner", "none",
+            "--sampler", "random", "--slurm.cpus-per-task", "1", *SMALL, "strategy.epochs=4", cwd=tmp)
+        hours = (time.perf_counter() - start) / 3600
+        rates[workers] = n_trials / hours
+        print(f"slurm  {workers} worker(s): {n_trials} trials in {hours * 3600:6.1f} s = {rates[workers]:7.1f} trials/h",
+              flush=True)
+    print(f"slurm  speed-up 2 vs 1 workers: {rates[2] / rates[1]:.2f}x (target >= 1.7x)\n", flush=True)
+
+
+# ---------------------------------------------------------------- storage: ask/tell throughput
+def _client(spec: str, name: str, seconds: float, out: mp.Queue) -> None:
+    from cxr_automl.storage import open_storage
+    import warnings
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")  # the heartbeat-outside-optimize notice, once per client
+    study = optuna.load_study(study_name=name, storage=open_storage(spec))
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_int("k", 0, 4))
+        n += 1
+    out.put(n)
+
+
+def bench_storage(seconds: float, clients_list: tuple[int, ...]) -> None:
+    from cxr_automl.storage import open_storage
+    tmp = Path(tempfile.mkdtemp(prefix="scale-storage-"))
+    specs = {"journal": f"journal:{tmp / 'j.log'}", "sqlite": f"sqlite:///{tmp / 's.db'}", "postgresql": PG_URL}
+    table = {}
+    for label, spec in specs.items():
+        try:
+            storage = open_storage(spec)
+        except Exception as exc:  # e.g. no PostgreSQL server here
+            print(f"storage {label}: skipped ({str(exc).splitlines()[0][:100]})")
+            continue
+        for clients in clients_list:
+            name = f"bench-{uuid.uuid4().hex[:8]}"
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            optuna.create_study(storage=storage, study_name=name, sampler=optuna.samplers.RandomSampler())
+            q: mp.Queue = mp.get_context("spawn").Queue()
+            procs = [mp.get_context("spawn").Process(target=_client, args=(spec, name, seconds, q)) for _ in range(clients)]
+            for p in procs:
+                p.start()
+            total = sum(q.get() for _ in procs)
+            for p in procs:
+                p.join()
+            table[(label, clients)] = total / seconds
+    print("storage ask/tell throughput (trials/s summed over clients; random sampler, 2 params)")
+    print(f"{'clients':>8} " + " ".join(f"{s:>11}" for s in specs))
+    for c in clients_list:
+        print(f"{c:>8} " + " ".join(f"{table.get((s, c), float('nan')):>11.1f}" for s in specs))
+    print(flush=True)
+
+
+# ---------------------------------------------------------------- pruning: epochs to the same best
+def _run(pruner: str, n_trials: int, epochs: int, tmp: Path) -> optuna.Study:
+    (tmp / "space.yaml").write_text(SPACE)
+    cli("search", "-s", "space.yaml", "--study", pruner, "-n", str(n_trials), "--storage",
+        f"journal:{tmp / 'p.log'}", "--pruner", pruner, "--sampler", "random", "--seed", "3",
+        *SMALL, f"strategy.epochs={epochs}", "strategy.patience=100", cwd=tmp)
+    return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp / "p.log"))))
+
+
+def _epochs_to(study: optuna.Study, target: float) -> int | None:
+    """Epochs spent, in trial order, until a complete trial reaches ``target`` (None: never)."""
+    spent = 0
+    for t in sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number):
+        spent += len(t.intermediate_values)
+        if t.state == TrialState.COMPLETE and t.value >= target - 1e-12:
+            return spent
+    return None
+
+
+def report_pruning(studies: dict[str, optuna.Study]) -> None:
+    """The same best value = the best both searches reached (the lower of their two bests)."""
+    common = min(s.best_value for s in studies.values())
+    reach = {p: _epochs_to(s, common) for p, s in studies.items()}
+    total = {p: sum(len(t.intermediate_values) for t in s.trials) for p, s in studies.items()}
+    for p, s in studies.items():
+        pruned = len(s.get_trials(states=(TrialState.PRUNED,)))
+        print(f"pruning {p:>6}: best {s.best_value:.4f}, {pruned:2d}/{len(s.trials)} pruned, {total[p]:3d} epochs in all, "
+              f"{reach[p]} epochs to reach {common:.4f}")
+    print(f"pruning saving: {reach['none'] / reach['median']:.2f}x fewer epochs to reach {common:.4f}; "
+          f"{total['none'] / total['median']:.2f}x fewer epochs for the whole search (target >= 2x)")
+    if studies["median"].best_value < studies["none"].best_value:
+        print(f"  note: the pruner stopped the trial that was best without it "
+              f"({studies['none'].best_value:.4f}); the pruned search's best is {studies['median'].best_value:.4f}")
+    print(flush=True)
+
+
+def bench_pruning(n_trials: int, epochs: int) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
+    report_pruning({p: _run(p, n_trials, epochs, tmp) for p in ("none", "median")})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("slurm", "storage", "pruning"), action="append")
+    ap.add_argument("--slurm-trials", type=int, default=6)
+    ap.add_argument("--storage-seconds", type=float, default=5.0)
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--prune-trials", type=int, default=16)
+    ap.add_argument("--prune-epochs", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    only = args.only or ["storage", "pruning", "slurm"]
+    if "storage" in only:
+        bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
+    if "pruning" in only:
+        bench_pruning(args.prune_trials, args.prune_epochs)
+    if "slurm" in only:
+        bench_slurm(args.slurm_trials)
+
+
+if __name__ == "__main__":
+    main()

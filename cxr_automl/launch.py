@@ -1,0 +1,193 @@
+"""Start N workers on one study: local processes, or ONE SLURM array job of N tasks through submitit.
+
+The study (and its baselines) is created by the caller before any worker starts; each worker is
+``cxr-automl worker`` (local) or :class:`SlurmWorker` (the same loop inside a submitit task).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import submitit
+
+from cxr_automl import search as search_mod
+from cxr_automl import storage as storage_mod
+from cxr_automl.callbacks import make_progress
+
+
+@dataclass
+class WorkerSpec:
+    """Everything one worker needs; pickled into each SLURM task."""
+    study: str
+    storage: str
+    search_space: str | None = None
+    overrides: tuple[str, ...] = ()
+    heartbeat_interval: int = storage_mod.HEARTBEAT_INTERVAL
+    grace_period: int = storage_mod.GRACE_PERIOD
+    poll_seconds: float = 5.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_worker(spec: WorkerSpec, index: int, workers: int = 1) -> int:
+    """The worker process body: open the storage, read the study's options, loop. Returns finished count."""
+    storage = storage_mod.open_storage(spec.storage, workers=workers, heartbeat_interval=spec.heartbeat_interval,
+                                       grace_period=spec.grace_period)
+    opts = search_mod.options_from_study(spec.study, storage, spec.storage, spec.search_space, spec.overrides)
+    study = search_mod.worker(opts, storage, index=index, poll_seconds=spec.poll_seconds)
+    return search_mod.n_finished(study)
+
+
+class SlurmWorker(submitit.helpers.Checkpointable):
+    """One array task. On preemption or time limit submitit calls :meth:`checkpoint` (SIGUSR2) and
+    requeues the task; the requeued run (``SLURM_RESTART_COUNT`` > 0) takes back the trial it left
+    RUNNING and resumes that trial's run dir from its last epoch checkpoint (workers.adopt_own_trial).
+    A plain ``scontrol requeue`` (no checkpoint call) ends the same way."""
+
+    def __call__(self, spec: WorkerSpec, index: int) -> int:
+        os.environ.update(spec.env)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("cxr_automl").setLevel(logging.INFO)
+        return run_worker(spec, index)
+
+    def checkpoint(self, spec: WorkerSpec, index: int) -> submitit.helpers.DelayedSubmission:
+        print(f"worker {index}: checkpoint requested (preemption/time limit); requeueing — the running trial "
+              "resumes from its last epoch checkpoint", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, spec, index)
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    gpus_per_task: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+    def executor_parameters(self, workers: int, name: str) -> dict[str, Any]:
+        params: dict[str, Any] = {"slurm_array_parallelism": workers, "name": f"cxr-{name}",
+                                  "slurm_signal_delay_s": 120}
+        for key, value in (("slurm_partition", self.partition), ("slurm_gpus_per_task", self.gpus_per_task),
+                           ("slurm_cpus_per_task", self.cpus_per_task), ("slurm_mem", self.mem),
+                           ("slurm_account", self.account), ("slurm_qos", self.qos),
+                           ("slurm_constraint", self.constraint)):
+            if value is not None:
+                params[key] = value
+        if self.time is not None:
+            params["timeout_min"] = parse_minutes(self.time)
+        return params
+
+
+def parse_minutes(text: str) -> int:
+    """Minutes from Slurm's --time forms: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", text.strip())
+    if not m:
+        raise ValueError(f"--slurm.time {text!r}: use minutes (90) or [D-]HH:MM:SS")
+    parts = [int(x) for x in m.group(2).split(":")]
+    if m.group(1):
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return max(1, int(m.group(1) or 0) * 1440 + hours * 60 + minutes + (seconds > 0))
+
+
+def _watch(study_name: str, storage_spec: str, target: int, alive) -> None:
+    """Show the study's progress until no worker is alive."""
+    storage = storage_mod.open_storage(storage_spec)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    with make_progress() as progress:
+        bar = progress.add_task("trials (all workers)", total=target, completed=0, info="")
+        while True:
+            running = alive()
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state in search_mod.FINISHED for t in trials)
+            busy = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+            progress.update(bar, completed=done, info=f"{busy} running")
+            if not running:
+                return
+            time.sleep(2)
+
+
+def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> None:
+    """N ``cxr-automl worker`` processes; their output goes to ``log_dir/worker-I.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(workers):
+        cmd = [sys.executable, "-m", "cxr_automl.cli", "worker", "--study", spec.study, "--storage", spec.storage,
+               "--worker-index", str(i), "--workers", str(workers),
+               "--heartbeat-interval", str(spec.heartbeat_interval), "--grace-period", str(spec.grace_period),
+               "--poll-seconds", str(spec.poll_seconds)]
+        if spec.search_space:
+            cmd += ["--search-space", spec.search_space]
+        out = open(log_dir / f"worker-{i}.log", "w")
+        procs.append((subprocess.Popen([*cmd, *spec.overrides], stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **spec.env}), out))
+    try:
+        _watch(spec.study, spec.storage, target, lambda: any(p.poll() is None for p, _ in procs))
+    except KeyboardInterrupt:
+        # A terminal Ctrl-C already reached the workers (same process group); each fails its trial as
+        # interrupted and re-enqueues it (resumable). Only workers still running after a while get one.
+        deadline = time.time() + 10
+        while time.time() < deadline and any(p.poll() is None for p, _ in procs):
+            time.sleep(0.2)
+        for p, _ in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p, _ in procs:
+            p.wait(timeout=120)
+        raise
+    finally:
+        for _, out in procs:
+            out.close()
+    bad = [(i, p.returncode) for i, (p, _) in enumerate(procs) if p.returncode != 0]
+    if bad:
+        _report_lost_workers("worker(s) " + ", ".join(f"{i} exited {rc} (see {log_dir}/worker-{i}.log)"
+                                                      for i, rc in bad), spec, target)
+
+
+def launch_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Path, target: int,
+                 wait: bool = True) -> list[submitit.Job]:
+    """ONE array job of ``workers`` tasks, all running at once (array parallelism = workers)."""
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(**slurm.executor_parameters(workers, spec.study))
+    jobs = executor.map_array(SlurmWorker(), [spec] * workers, list(range(workers)))
+    print(f"submitted SLURM array job {jobs[0].job_id.split('_')[0]} ({workers} tasks); logs in {folder}; "
+          f"watch with: cxr-automl status --study {spec.study} --storage {spec.storage}", flush=True)
+    if not wait:
+        return jobs
+    try:
+        _watch(spec.study, spec.storage, target, lambda: not all(j.done() for j in jobs))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped watching; the array job keeps running (scancel {jobs[0].job_id.split('_')[0]} "
+                                "to stop it)") from None
+    errors = []
+    for i, job in enumerate(jobs):
+        try:
+            job.result()
+        except Exception as exc:  # submitit's FailedJobError carries the task's traceback
+            errors.append(f"task {i} ({job.job_id}): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+    if errors:
+        _report_lost_workers("; ".join(errors), spec, target)
+    return jobs
+
+
+def _report_lost_workers(errors: str, spec: WorkerSpec, target: int) -> None:
+    """A worker that died (killed, node lost) is an error only if the study fell short: its trial was
+    re-run by the others, so a study at its target is complete."""
+    study = optuna.load_study(study_name=spec.study, storage=storage_mod.open_storage(spec.storage))
+    if search_mod.n_finished(study) >= target:
+        print(f"warning: some workers died ({errors}); the others finished the study", file=sys.stderr, flush=True)
+        return
+    raise RuntimeError(errors)

@@ -1,0 +1,78 @@
+"""The bodies of ``cxr-automl search --workers N`` and ``cxr-automl status`` (kept out of cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from cxr_automl import launch
+from cxr_automl import search as search_mod
+from cxr_automl import storage as storage_mod
+
+
+def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
+                      grace_period: int, slurm: dict[str, Any]) -> optuna.Study | None:
+    """Create the study and enqueue its baselines first (no worker races the schema or the queue),
+    then start the workers and wait for them. ``launcher='none'`` only creates the study."""
+    storage = storage_mod.open_storage(opts.storage, workers=workers, heartbeat_interval=heartbeat_interval,
+                                       grace_period=grace_period)
+    study = search_mod.create_study(opts, storage)
+    spec = launch.WorkerSpec(study=opts.study_name, storage=opts.storage, heartbeat_interval=heartbeat_interval,
+                             grace_period=grace_period)
+    root = Path(opts.runs_root) / opts.study_name
+    if launcher == "none":
+        Console(stderr=True).print(
+            f"study {opts.study_name} ready in {opts.storage} (target {opts.n_trials} finished trials); start workers "
+            f"with: sbatch --array=0-{workers - 1} slurm/worker.sbatch {opts.study_name} {opts.storage}")
+        return None
+    if launcher == "local":
+        launch.launch_local(spec, workers, root / "workers", opts.n_trials)
+    else:
+        launch.launch_slurm(spec, workers, launch.SlurmOptions(**slurm), root / "slurm", opts.n_trials)
+    return optuna.load_study(study_name=opts.study_name, storage=storage)
+
+
+def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any]:
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    stale = set(storage._get_stale_trial_ids(study._study_id)) if hasattr(storage, "_get_stale_trial_ids") else set()
+    live = sorted({t.user_attrs.get("worker", "?") for t in trials
+                   if t.state == TrialState.RUNNING and t._trial_id not in stale})
+    out: dict[str, Any] = {"study": name, "target": study.user_attrs.get("n_trials"), "states": counts,
+                           "finished": counts["complete"] + counts["pruned"], "live_workers": live,
+                           "stale_running": len(stale), "metric": study.user_attrs.get("metric")}
+    try:
+        best = study.best_trial
+        out["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                       "run_dir": best.user_attrs.get("run_dir")}
+    except ValueError:
+        out["best"] = None
+    return out
+
+
+def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
+    storage = storage_mod.open_storage(spec)
+    all_names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+    for name in names or []:
+        if name not in all_names:
+            raise ValueError(f"no study {name!r} in {spec}; it has: {', '.join(all_names) or 'none'}")
+    rows = [study_status(storage, n) for n in (names or all_names)]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"studies in {spec}")
+    for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "live workers", "best"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        s = r["states"]
+        best = "-" if r["best"] is None else f"{r['best']['value']:.4f} (trial {r['best']['number']})"
+        table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
+                      str(s["fail"]), str(s["pruned"]), ", ".join(r["live_workers"]) or "-", best)
+    Console().print(table)

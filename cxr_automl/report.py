@@ -1,0 +1,171 @@
+"""``cxr-automl report``: one self-contained HTML page comparing studies side by side (plotly).
+
+Sections: best value per study, optimization histories overlaid, parameter importances (Optuna's
+fANOVA), parallel coordinates per study, learning curves from the per-epoch intermediate values, and
+per-class test AUC of each study's best trial (from its ``metrics`` user attr).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+from plotly.colors import qualitative
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _color(i: int) -> str:
+    return qualitative.Plotly[i % len(qualitative.Plotly)]
+
+
+def _maximize(study: optuna.Study) -> bool:
+    return study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def best_values(studies: list[optuna.Study]) -> go.Figure:
+    fig = go.Figure()
+    for i, s in enumerate(studies):
+        best = _best(s)
+        if best is not None:
+            fig.add_bar(x=[s.study_name], y=[best.value], name=s.study_name, marker_color=_color(i),
+                        text=[f"{best.value:.4f} (trial {best.number})"], textposition="outside")
+    return fig.update_layout(title="Best value per study", showlegend=False, yaxis_title=_metric(studies))
+
+
+def histories(studies: list[optuna.Study]) -> go.Figure:
+    fig = go.Figure()
+    for i, s in enumerate(studies):
+        done = [t for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not done:
+            continue
+        pick = max if _maximize(s) else min
+        running, best = [], None
+        for t in done:
+            best = t.value if best is None else pick(best, t.value)
+            running.append(best)
+        fig.add_scatter(x=[t.number for t in done], y=[t.value for t in done], mode="markers", name=f"{s.study_name} trials",
+                        marker={"color": _color(i), "opacity": 0.5}, legendgroup=s.study_name)
+        fig.add_scatter(x=[t.number for t in done], y=running, mode="lines", name=f"{s.study_name} best so far",
+                        line={"color": _color(i), "shape": "hv"}, legendgroup=s.study_name)
+    return fig.update_layout(title="Optimization history", xaxis_title="trial", yaxis_title=_metric(studies))
+
+
+def importances(studies: list[optuna.Study]) -> go.Figure | None:
+    fig = go.Figure()
+    for i, s in enumerate(studies):
+        if len(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+            continue
+        try:
+            imp = optuna.importance.get_param_importances(s, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (ValueError, RuntimeError):  # e.g. every trial had the same parameters
+            continue
+        if imp:
+            names = list(imp)[::-1]
+            fig.add_bar(y=names, x=[imp[n] for n in names], orientation="h", name=s.study_name, marker_color=_color(i))
+    if not fig.data:
+        return None
+    return fig.update_layout(title="Parameter importances (fANOVA)", barmode="group", xaxis_title="importance")
+
+
+def parallel(study: optuna.Study) -> go.Figure | None:
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 1:
+        return None
+    fig = optuna.visualization.plot_parallel_coordinate(study)
+    return fig.update_layout(title=f"Parallel coordinates: {study.study_name}")
+
+
+def learning_curves(studies: list[optuna.Study]) -> go.Figure | None:
+    fig = go.Figure()
+    for i, s in enumerate(studies):
+        for j, t in enumerate(s.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL, TrialState.RUNNING))):
+            if not t.intermediate_values:
+                continue
+            steps = sorted(t.intermediate_values)
+            fig.add_scatter(x=steps, y=[t.intermediate_values[k] for k in steps], mode="lines+markers",
+                            name=s.study_name, legendgroup=s.study_name, showlegend=j == 0 or not fig.data,
+                            line={"color": _color(i), "dash": "dot" if t.state == TrialState.PRUNED else "solid"},
+                            hovertext=f"trial {t.number} ({t.state.name.lower()})", opacity=0.6)
+    if not fig.data:
+        return None
+    return fig.update_layout(title="Learning curves (per-epoch validation metric; dotted = pruned)",
+                             xaxis_title="epoch", yaxis_title=_metric(studies))
+
+
+def per_class_auc(studies: list[optuna.Study]) -> go.Figure | None:
+    fig = go.Figure()
+    for i, s in enumerate(studies):
+        best = _best(s)
+        metrics = (best.user_attrs.get("metrics") or {}) if best is not None else {}
+        classes = sorted(k.split("/", 2)[2] for k in metrics if k.startswith("test/auc/"))
+        if classes:
+            fig.add_bar(x=classes, y=[metrics[f"test/auc/{c}"] for c in classes], marker_color=_color(i),
+                        name=f"{s.study_name} (trial {best.number})")
+    if not fig.data:
+        return None
+    return fig.update_layout(title="Per-class test AUC of each study's best trial", barmode="group", yaxis_title="AUC")
+
+
+def _metric(studies: list[optuna.Study]) -> str:
+    return next((s.user_attrs["metric"] for s in studies if s.user_attrs.get("metric")), "objective")
+
+
+def _summary_table(studies: list[optuna.Study]) -> str:
+    rows = []
+    for s in studies:
+        trials = s.get_trials(deepcopy=False)
+        count = {st: sum(t.state == st for t in trials) for st in TrialState}
+        best = _best(s)
+        test = (best.user_attrs.get("metrics") or {}).get("test/macro_auc") if best else None
+        cells = [s.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.PRUNED]),
+                 str(count[TrialState.FAIL]), "-" if best is None else f"{best.value:.4f} (#{best.number})",
+                 "-" if test is None or (isinstance(test, float) and math.isnan(test)) else f"{test:.4f}",
+                 "-" if best is None else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in best.params.items())]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("study", "complete", "pruned", "failed", "best", "test macro AUC", "best params"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def build(studies: list[optuna.Study], title: str = "cxr-automl study comparison") -> str:
+    """The whole page as one HTML string; plotly.js is inlined once, so it opens offline."""
+    figs: list[Any] = [best_values(studies), histories(studies), importances(studies), learning_curves(studies),
+                       per_class_auc(studies), *(parallel(s) for s in studies)]
+    parts, first = [], True
+    for fig in figs:
+        if fig is None:
+            continue
+        fig.update_layout(template="plotly_white", height=460, margin={"t": 60, "l": 60, "r": 30, "b": 50})
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False,
+                                 config={"displaylogo": False}))
+        first = False
+    style = ("body{font-family:sans-serif;margin:24px;max-width:1200px}table{border-collapse:collapse;margin:12px 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{_summary_table(studies)}"
+            + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
+
+
+def write_report(storage: optuna.storages.BaseStorage, spec: str, names: list[str] | None, out: Path) -> Path:
+    available = optuna.get_all_study_names(storage)
+    names = names or available
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"no study {', '.join(map(repr, missing))} in {spec}; it has: {', '.join(available) or 'none'}")
+    studies = [optuna.load_study(study_name=n, storage=storage) for n in names]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build(studies), encoding="utf-8")
+    return out

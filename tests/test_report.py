@@ -1,0 +1,106 @@
+"""`cxr-automl report` in a real headless chromium, and `cxr-automl dashboard` answering its API."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from conftest import run_cli
+
+CLASSES = ["cardiomegaly", "effusion", "nodule"]
+
+
+def _fill(storage, name: str, seed: int, n: int = 8) -> None:
+    """A study shaped like cxr-automl's: per-epoch intermediate values, pruned trials, metrics attrs."""
+    rng = random.Random(seed)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    study.set_user_attr("metric", "val/macro_auc")
+    dists = {"strategy.unfreeze_k": IntDistribution(0, 4), "strategy.lr_head": FloatDistribution(1e-4, 1e-2, log=True)}
+    for i in range(n):
+        params = {"strategy.unfreeze_k": rng.randint(0, 4), "strategy.lr_head": 10 ** rng.uniform(-4, -2)}
+        pruned = i % 4 == 3
+        curve = {e: 0.5 + 0.04 * e * params["strategy.unfreeze_k"] / 4 + rng.uniform(0, 0.05) for e in range(2 if pruned else 5)}
+        metrics = {f"test/auc/{c}": rng.uniform(0.55, 0.9) for c in CLASSES}
+        metrics["test/macro_auc"] = sum(metrics.values()) / len(CLASSES)
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE, value=None if pruned else max(curve.values()),
+            params=params, distributions=dists, intermediate_values=curve,
+            user_attrs={"metrics": metrics, "run_dir": f"runs/{name}/trial_{i:04d}"}))
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(in_tmp):
+    spec = f"journal:{in_tmp / 'studies.log'}"
+    from cxr_automl.storage import open_storage
+    storage = open_storage(spec)
+    _fill(storage, "spft", 0)
+    _fill(storage, "finetune", 1)
+    out = in_tmp / "report.html"
+    run_cli("report", "--storage", spec, "--study", "spft", "--study", "finetune", "--out", str(out), cwd=in_tmp)
+    page = out.read_text()
+    assert "<script" in page and "cdn.plot.ly" not in page.split("<body>")[0]  # plotly.js inlined: works offline
+    for title in ("Best value per study", "Optimization history", "Parameter importances", "Learning curves",
+                  "Per-class test AUC", "Parallel coordinates: spft", "Parallel coordinates: finetune"):
+        assert title in page, title
+    bad = run_cli("report", "--storage", spec, "--study", "nope", "--out", str(out), cwd=in_tmp, check=False)
+    assert bad.returncode == 2 and "no study 'nope'" in bad.stderr
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.geteuid() == 0:
+            raise AssertionError("chromium missing: .ci/services.sh installs it")
+        pytest.skip("Debian's chromium is not installed (run .ci/services.sh as root)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=15000", f"--user-data-dir={in_tmp / 'profile'}"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=180)
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, "\n".join(console)
+    # plotly.js ran: every figure became an SVG plot (9 figures incl. 2 parallel-coordinates plots)
+    assert dom.stdout.count('class="main-svg"') >= 7 * 2, dom.stdout[:2000]
+    shot = in_tmp / "report.png"
+    subprocess.run([chromium, *flags, "--window-size=1280,2400", f"--screenshot={shot}", out.as_uri()],
+                   capture_output=True, text=True, timeout=180)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("CXR_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["CXR_KEEP_SCREENSHOT"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study_storage(in_tmp):
+    spec = f"journal:{in_tmp / 'studies.log'}"
+    from cxr_automl.storage import open_storage
+    _fill(open_storage(spec), "spft", 0, n=3)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_automl.cli", "dashboard", "--storage", spec, "--port", str(port)],
+                            cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read())
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.3)
+        assert body is not None, "dashboard never answered"
+        assert [s["study_name"] for s in body["study_summaries"]] == ["spft"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

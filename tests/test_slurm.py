@@ -1,0 +1,150 @@
+"""Search on a real single-node Slurm (slurm/dev-cluster): one array job of workers, a worker killed
+mid-trial, a preempted and a requeued worker. Runs the real daemons; skipped only without root/apt."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import CLI, TINY, run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = """\
+metric: val/macro_auc
+overrides: [strategy=spft]
+params:
+  strategy.unfreeze_k: range(0, 4)
+  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
+baselines:
+  default: {}
+"""
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    have_slurm = shutil.which("slurmctld") and shutil.which("slurmdbd") and shutil.which("mariadbd")
+    if os.geteuid() != 0:
+        pytest.skip("the dev cluster needs root (to install packages and run munged/mariadbd/slurm daemons)")
+    if not have_slurm and not shutil.which("apt-get"):
+        pytest.skip("Slurm is not installed and apt-get is unavailable to install it")
+    subprocess.run(["bash", str(ROOT / "slurm/dev-cluster/start.sh")], check=True, timeout=900)
+    yield
+    subprocess.run(["bash", str(ROOT / "slurm/dev-cluster/stop.sh")], check=False, timeout=120)
+
+
+def _study(path: Path, name: str = "s") -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _search(tmp: Path, n: int, workers: int, *extra: str) -> list[str]:
+    (tmp / "space.yaml").write_text(SPACE)
+    return ["search", "-s", "space.yaml", "--study", "s", "-n", str(n), "--launcher", "slurm",
+            "--workers", str(workers), "--storage", f"journal:{tmp / 'study.log'}", "--pruner", "none",
+            "--slurm.partition", "debug", "--slurm.cpus-per-task", "1", "--slurm.time", "20", *TINY, *extra]
+
+
+def _wait(cond, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _running_trial_with_epochs(tmp: Path, epochs: int):
+    """A RUNNING trial that has written at least ``epochs`` epoch lines."""
+    try:
+        study = _study(tmp / "study.log")
+    except (KeyError, FileNotFoundError):
+        return None
+    for t in study.get_trials(states=(TrialState.RUNNING,)):
+        log = Path(t.user_attrs.get("run_dir", "/nonexistent")) / "metrics.jsonl"
+        if "worker" in t.user_attrs and log.exists() and len(log.read_text().splitlines()) >= epochs:
+            return t
+    return None
+
+
+def test_array_of_two_workers_reaches_exact_trial_count(slurm_cluster, in_tmp):
+    proc = run_cli(*_search(in_tmp, 4, 2), cwd=in_tmp, timeout=900)
+    job_id = re.search(r"submitted SLURM array job (\d+)", proc.stdout).group(1)
+    study = _study(in_tmp / "study.log")
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 4
+    assert all(s in (TrialState.COMPLETE, TrialState.FAIL) for s in states)
+    surplus = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in surplus)
+    workers = {t.user_attrs["worker"] for t in study.trials if t.state == TrialState.COMPLETE}
+    assert workers <= {f"slurm:{job_id}_0", f"slurm:{job_id}_1"} and len(workers) == 2  # one array, two tasks
+    assert len({t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.COMPLETE}) == 4
+    sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert sorted(sacct) == [f"{job_id}_0|COMPLETED", f"{job_id}_1|COMPLETED"]
+    assert "best" in proc.stdout
+
+
+def test_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_the_other(slurm_cluster, in_tmp):
+    args = _search(in_tmp, 3, 2, "--heartbeat-interval", "1", "--grace-period", "5", "strategy.epochs=8")
+    proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    victim = _wait(lambda: _running_trial_with_epochs(in_tmp, 2), "a trial with 2 epochs")
+    task = victim.user_attrs["worker"].removeprefix("slurm:")
+    subprocess.run(["scancel", "--signal=KILL", task], check=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+    study = _study(in_tmp / "study.log")
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    retry = retries[0]
+    assert retry.params == victim.params and retry.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
+    assert retry.user_attrs["worker"] != victim.user_attrs["worker"]  # a live worker took it over
+    epochs = (Path(retry.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [int(__import__("json").loads(line)["epoch"]) for line in epochs] == list(range(8))
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
+    assert re.search(r"resumed .*trial_%04d at epoch [1-7]" % victim.number, logs), logs[-3000:]
+
+
+@pytest.mark.parametrize("how", ["preempt_usr2", "scontrol_requeue"])
+def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, how):
+    args = _search(in_tmp, 1, 1, "--heartbeat-interval", "1", "--grace-period", "90", "strategy.epochs=8")
+    proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    victim = _wait(lambda: _running_trial_with_epochs(in_tmp, 2), "a trial with 2 epochs")
+    task = victim.user_attrs["worker"].removeprefix("slurm:")
+    if how == "preempt_usr2":  # what Slurm sends before preemption/time limit: submitit checkpoints and requeues
+        subprocess.run(["scancel", "--signal=USR2", task], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", task], check=True)
+
+    def requeued():
+        info = subprocess.run(["scontrol", "show", "job", task], capture_output=True, text=True).stdout
+        return "Restarts=1" in info and "JobState=PENDING" in info
+
+    _wait(requeued, "the task to be requeued", timeout=120)
+    time.sleep(3.5)  # sooner than ~3 s after a requeue Slurm answers "Job credential revoked"
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+    study = _study(in_tmp / "study.log")
+    assert len(study.trials) == 1  # the same trial carried on: nothing failed, nothing re-enqueued
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE and trial.number == victim.number
+    assert trial.user_attrs["slurm_restart_count"] == 1
+    epochs = (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert len(epochs) == 8
+    logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
+    assert re.search(r"resumed .*trial_0000 at epoch [1-7]", logs), logs[-3000:]

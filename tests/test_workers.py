@@ -1,0 +1,166 @@
+"""Workers sharing a study: slot accounting, journal heartbeats, storage errors, and (marked
+`postgres`) a 2-worker local search on a real PostgreSQL server with one worker SIGKILLed mid-trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from cxr_automl import storage as storage_mod
+from cxr_automl import workers
+from conftest import CLI, TINY, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("CXR_TEST_POSTGRES_URL", "postgresql://cxr:cxr@127.0.0.1:5432/cxr_test")
+SPACE = """\
+metric: val/macro_auc
+overrides: [strategy=spft]
+params:
+  strategy.unfreeze_k: range(0, 4)
+  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
+baselines:
+  default: {}
+"""
+DIST = {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+
+def test_concurrent_asks_beyond_target_are_handed_back(tmp_path):
+    storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=60)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"baseline": "b"})
+    first, second = study.ask(DIST), study.ask(DIST)  # two workers asked for the one remaining slot at once
+    assert workers.claim(study, first, target=1, me="w0") is True
+    assert workers.claim(study, second, target=1, me="w1") is False
+    assert study.trials[second.number].state == TrialState.FAIL
+    assert study.trials[second.number].user_attrs["fail_reason"].startswith("surplus")
+    # the enqueued baseline was popped by `first`, so nothing is re-enqueued; target reached when first ends
+    assert workers.slots(study, 1) == "full"
+    study.tell(first, 0.1)
+    assert workers.slots(study, 1) == "done"
+    # a surplus trial that came from the queue goes back to the queue
+    study.enqueue_trial({"x": 0.25}, user_attrs={"baseline": "c"})
+    popped = study.ask(DIST)
+    assert workers.claim(study, popped, target=1, me="w0") is False
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"x": 0.25} and waiting[0].user_attrs["baseline"] == "c"
+
+
+def test_journal_heartbeat_fails_a_silent_trial_and_requeues_it_with_its_run_dir(tmp_path):
+    storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="s")
+    alive, dead = study.ask(DIST), study.ask(DIST)
+    dead.set_user_attr("run_dir", "runs/s/trial_0001")
+    with workers.Heartbeat(study, alive):
+        storage.record_heartbeat(dead._trial_id)  # one beat, then its worker "dies"
+        time.sleep(3.5)
+        assert workers.slots(study, 5) == "open"
+    trials = study.trials
+    assert trials[alive.number].state == TrialState.RUNNING  # kept alive by its heartbeat thread
+    assert trials[dead.number].state == TrialState.FAIL
+    retry = study.get_trials(states=(TrialState.WAITING,))
+    assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == dead.params
+    assert retry[0].user_attrs["resume_run_dir"] == "runs/s/trial_0001" and retry[0].user_attrs["retry_of"] == dead.number
+
+
+def test_unreachable_storage_retries_then_one_clear_error(in_tmp, monkeypatch):
+    url = "postgresql://cxr:cxr@127.0.0.1:9/nothing_listens_here"
+    monkeypatch.setenv("CXR_AUTOML_STORAGE_RETRY_DELAYS", "0.1,0.1")
+    with pytest.raises(storage_mod.StorageUnavailableError, match=r"unreachable after 3 attempts"):
+        storage_mod.open_storage(url)
+    proc = run_cli("status", "--storage", url, cwd=in_tmp, check=False,
+                   env={"CXR_AUTOML_STORAGE_RETRY_DELAYS": "0.1,0.1"})
+    assert proc.returncode == 2
+    assert f"storage {url} unreachable after 3 attempts" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_launcher_none_creates_the_study_and_sqlite_with_workers_warns(in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    proc = run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "5", "--workers", "2", "--launcher", "none",
+                   "--storage", "sqlite:///s.db", *TINY, cwd=in_tmp)
+    assert "SQLite storage with 2 workers" in proc.stderr and "sbatch --array=0-1" in proc.stderr
+    study = optuna.load_study(study_name="s", storage="sqlite:///s.db")
+    assert study.user_attrs["n_trials"] == 5 and study.user_attrs["search_space"].endswith("space.yaml")
+    assert [t.state for t in study.trials] == [TrialState.WAITING]  # the baseline, queued before any worker
+    proc = run_cli("worker", "--study", "nope", "--storage", "sqlite:///s.db", cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "no study 'nope'" in proc.stderr
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    import sqlalchemy
+    def reachable() -> bool:
+        try:
+            sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3}).connect().close()
+            return True
+        except sqlalchemy.exc.OperationalError:
+            return False
+    if not reachable() and os.geteuid() == 0:
+        subprocess.run(["bash", str(ROOT / ".ci/services.sh")], check=True, timeout=900)
+    if not reachable():
+        if os.geteuid() != 0:
+            pytest.skip(f"no PostgreSQL at {PG_URL} and not root to start one (.ci/services.sh)")
+        raise AssertionError(f"PostgreSQL at {PG_URL} unreachable after .ci/services.sh")
+    return PG_URL
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(postgres_url, in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    args = ["search", "-s", "space.yaml", "--study", name, "-n", "3", "--workers", "2", "--storage", postgres_url,
+            "--pruner", "none", "--heartbeat-interval", "1", "--grace-period", "4", *TINY, "strategy.epochs=8"]
+    proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    victim, deadline = None, time.time() + 300
+    while victim is None and time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            running = optuna.load_study(study_name=name, storage=postgres_url).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:
+            continue
+        for t in running:
+            log = Path(t.user_attrs.get("run_dir", "/none")) / "metrics.jsonl"
+            if "worker" in t.user_attrs and log.exists() and len(log.read_text().splitlines()) >= 2:
+                victim = t
+    assert victim is not None, "no trial reached 2 epochs"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+    assert "some workers died" in err
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    assert study.trials[victim.number].state == TrialState.FAIL
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].user_attrs["run_dir"] == victim.user_attrs["run_dir"]
+    epochs = [json.loads(line)["epoch"] for line in open(Path(victim.user_attrs["run_dir"]) / "metrics.jsonl")]
+    assert epochs == list(range(8))  # resumed from its checkpoint: no epoch ran twice
+    status = run_cli("status", "--storage", postgres_url, "--study", name, "--json", cwd=in_tmp)
+    row = json.loads(status.stdout)[0]
+    assert row["finished"] == 3 and row["target"] == 3 and row["best"]["value"] == study.best_value
+
+
+def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
+    import submitit
+    from cxr_automl.launch import SlurmOptions, parse_minutes
+    assert [parse_minutes(t) for t in ("90", "1:30", "02:00:00", "1-0", "1-2:30")] == [90, 2, 120, 1440, 1590]
+    with pytest.raises(ValueError, match="--slurm.time 'soon'"):
+        parse_minutes("soon")
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    ex.update_parameters(**SlurmOptions(partition="gpu", gpus_per_task=1, cpus_per_task=8, mem="32G", time="12:00:00",
+                                        account="acc", qos="high", constraint="a100").executor_parameters(4, "s"))
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    for flag in ("--partition=gpu", "--gpus-per-task=1", "--cpus-per-task=8", "--mem=32G", "--time=720",
+                 "--account=acc", "--qos=high", "--constraint=a100", "--signal=USR2@120"):
+        assert f"#SBATCH {flag}\n" in text, flag
+    assert ex._executor.parameters["array_parallelism"] == 4

@@ -12,15 +12,23 @@ def _built_in(kind):
     return [n for n, i in registry.available(kind).items() if i.distribution == "cxr-automl"]
 
 
+#: full-size backbones run offline at random init and, where the architecture allows, a smaller input
+FULL_SIZE = {"rad_dino": ["backbone.weights=null", "backbone.image_size=224"], "swin_b": []}
+
+
+def _backbone_params():
+    return [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SIZE else n for n in _built_in("backbone")]
+
+
 @pytest.fixture(scope="module")
 def data():
     return registry.build("dataset", "synthetic_cxr", n_train=32, n_val=16, n_test=16, image_size=32)
 
 
 class TestBackbones(BackboneContract):
-    @pytest.fixture(params=_built_in("backbone"))
+    @pytest.fixture(params=_backbone_params())
     def backbone(self, request):
-        cfg = config.compose([f"backbone={request.param}"])["backbone"]
+        cfg = config.compose([f"backbone={request.param}", *FULL_SIZE.get(request.param, [])])["backbone"]
         cfg.pop("name")
         torch.manual_seed(0)
         return registry.build("backbone", request.param, **cfg)

@@ -37,11 +37,13 @@ class BackboneOutput:
     """One forward pass of a backbone.
 
     ``pooled``: (N, D) embedding for classification. ``features``: multi-scale maps, NCHW, ordered from
-    high to low resolution, for dense heads.
+    high to low resolution, for dense heads. ``input_size``: (H, W) of the backbone's input, filled in by
+    the model wrapper, so dense heads can derive each map's stride without knowing the backbone.
     """
 
     pooled: torch.Tensor
     features: list[torch.Tensor]
+    input_size: tuple[int, int] | None = None
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -78,7 +80,7 @@ class Head(nn.Module, abc.ABC):
     ``in_channels`` and ``num_classes`` from them (the user never writes those).
     """
 
-    #: which evaluator applies: "classification" for now; "detection" and "segmentation" later
+    #: which evaluator applies (``cxr_automl.evaluators``): "classification", "segmentation", "detection"
     task: str = "classification"
 
     @abc.abstractmethod
@@ -88,10 +90,13 @@ class Head(nn.Module, abc.ABC):
     @abc.abstractmethod
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
              class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar task loss for one batch. ``class_weights`` (C,) come from the strategy, if any."""
+        """Scalar task loss for one batch. ``class_weights`` (C,) come from the strategy, if any (strategies
+        pass None for dense tasks unless they derive weights for them)."""
 
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities from outputs, for metrics and ``predictions.csv``."""
+    def predict(self, outputs: torch.Tensor) -> Any:
+        """What the task's evaluator scores, called on evaluation batches: class probabilities (N, C);
+        mask probabilities (N, C, h, w) at any resolution; or per image a dict of ``boxes`` (K, 4) xyxy
+        normalised to [0, 1], ``scores`` and ``labels``."""
         return torch.sigmoid(outputs.float())
 
 
@@ -185,7 +190,7 @@ class Strategy(abc.ABC):
 
     def monitor(self) -> str:
         """Name of the validation metric that selects the best epoch and feeds Optuna."""
-        return "val/macro_auc"
+        return "val/macro_auc"  # classification; strategies that serve dense tasks return theirs
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly (phase, class weights, EMA weights, patience...)."""

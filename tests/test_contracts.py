@@ -5,7 +5,7 @@ import torch
 
 from cxr_automl import config, registry
 from cxr_automl.model import build_model
-from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract
+from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract, example_batch
 
 
 def _built_in(kind):
@@ -41,8 +41,8 @@ class TestHeads(HeadContract):
                                                                 "num_classes": 3})
 
     @pytest.fixture
-    def batch(self):
-        return {"labels": torch.tensor([[1, 0, 0], [0, 1, float("nan")], [0, 0, 1], [1, 1, 0]])}
+    def batch(self, head):
+        return example_batch(head.task)
 
 
 class TestStrategies(StrategyContract):

@@ -130,9 +130,17 @@ def search(ctx: typer.Context,
 
 
 @app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            matrix: bool = typer.Option(False, "--matrix", help="Valid backbone × head combinations.")) -> None:
     """List every registered component, the distribution it comes from, and whether it loads."""
     from cxr_automl import registry
+    if matrix:
+        from cxr_automl.compat import print_matrix
+        try:
+            print_matrix(as_json)
+        except registry.RegistryError as exc:
+            raise _fail(str(exc))
+        return
     rows = []
     for kind in registry.KINDS:
         try:

@@ -58,6 +58,9 @@ class Backbone(nn.Module, abc.ABC):
     embed_dim: int
     #: channels of each map in ``BackboneOutput.features``
     feature_channels: tuple[int, ...]
+    #: how many maps ``features`` holds, declared on the class so configs are checked before building
+    #: (None = undeclared: checked when the model is built)
+    num_feature_maps: int | None = None
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> BackboneOutput:
@@ -82,6 +85,8 @@ class Head(nn.Module, abc.ABC):
 
     #: which evaluator applies (``cxr_automl.evaluators``): "classification", "segmentation", "detection"
     task: str = "classification"
+    #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
+    min_feature_maps: int = 0
 
     @abc.abstractmethod
     def forward(self, feats: BackboneOutput) -> torch.Tensor:

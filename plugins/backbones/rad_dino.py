@@ -32,14 +32,17 @@ class Dinov2Backbone(Backbone):
     """Wraps a transformers ``Dinov2Model``. ``blocks()``: embeddings, then each transformer layer
     (the last grouped with the final LayerNorm). ``pooled``: mean of the patch tokens (CLS left out)."""
 
+    num_feature_maps = 4
+
     def __init__(self, net: Dinov2Model, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.net = net
         cfg = net.config
         n = cfg.num_hidden_layers
         # 4 evenly spaced layers, 1-based indices into hidden_states (0 = embeddings), the last included
-        self.taps = sorted({max(1, round(n * k / 4)) for k in range(1, 5)})
-        self.scales = (4.0, 2.0, 1.0, 0.5)[-len(self.taps):]
+        # (a shallow test model may tap a layer twice: there are always 4 maps)
+        self.taps = [max(1, round(n * k / 4)) for k in range(1, 5)]
+        self.scales = (4.0, 2.0, 1.0, 0.5)
         self.feature_channels = tuple(cfg.hidden_size for _ in self.taps)
         self.embed_dim = cfg.hidden_size
         self.patch = cfg.patch_size

@@ -29,6 +29,8 @@ class TimmSwin(Backbone):
     with the last block (unfreezing "the top 1" then trains what produces the pooled embedding).
     """
 
+    num_feature_maps = 4
+
     def __init__(self, net: SwinTransformer, image_size: int):
         super().__init__()
         self.net = net

@@ -29,6 +29,7 @@ class UperNetSegHead(Head):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
     task = "segmentation"
+    min_feature_maps = 2
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, hidden: int, pool_scales: tuple[int, ...],
                  dice_weight: float, bce_weight: float):

@@ -33,6 +33,7 @@ class YoloV8Head(Head):
     loss reads (``model.model[-1]``, ``model.args``), so the loss is used unchanged."""
 
     task = "detection"
+    min_feature_maps = 1  # and at least `levels` (checked from the config)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, levels: int, width: int | None,
                  reg_max: int, box: float, cls: float, dfl: float, conf: float, iou: float, max_det: int):

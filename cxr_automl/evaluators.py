@@ -91,12 +91,10 @@ class SegmentationEvaluator(Evaluator):
 
     def __init__(self, class_names: list[str], threshold: float = 0.5):
         super().__init__(class_names)
-        from torchmetrics.classification import MultilabelJaccardIndex
         from torchmetrics.segmentation import DiceScore
-        c = len(class_names)
         self.threshold = threshold
-        self.dice = DiceScore(num_classes=c, average="none", aggregation_level="global", input_format="one-hot")
-        self.iou = MultilabelJaccardIndex(num_labels=c, average="none", threshold=threshold)
+        self.dice = DiceScore(num_classes=len(class_names), average="none", aggregation_level="global",
+                              input_format="one-hot")
         self.per_image: list[torch.Tensor] = []
 
     def update(self, predictions: torch.Tensor, batch: dict[str, Any]) -> None:
@@ -107,13 +105,16 @@ class SegmentationEvaluator(Evaluator):
             probs = F.interpolate(probs, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         hard = (probs >= self.threshold).long()
         self.dice.update(hard, masks)
-        self.iou.update(probs, masks)
         self.per_image.append(dice_score(hard, masks, num_classes=len(self.class_names), average="none",
-                                         aggregation_level="samplewise", input_format="one-hot"))
+                                         aggregation_level="samplewise", input_format="one-hot"
+                                         ).reshape(len(hard), -1))
         self.ids.extend(batch["image_id"])
 
     def compute(self, prefix: str) -> dict[str, float]:
-        dice, iou = self.dice.compute(), self.iou.compute()
+        dice = self.dice.compute().reshape(-1)  # (C,); torchmetrics squeezes a single class to 0-d
+        # with pixels pooled over the split, IoU = TP/(TP+FP+FN) and Dice = 2TP/(2TP+FP+FN) are tied by
+        # IoU = Dice / (2 - Dice) exactly, so one library count serves both
+        iou = dice / (2 - dice)
         out = {f"{prefix}/dice/{c}": float(d) for c, d in zip(self.class_names, dice)}
         out.update({f"{prefix}/iou/{c}": float(v) for c, v in zip(self.class_names, iou)})
         out[f"{prefix}/mean_dice"] = float(dice.mean())
@@ -162,9 +163,10 @@ class DetectionEvaluator(Evaluator):
         for image_id, p, t in zip(batch["image_id"], preds, targets):
             index = len(self.ids)
             self.ids.append(image_id)
-            self.gt.extend({"id": len(self.gt) + k + 1, "image_id": index, "category_id": int(c), "iscrowd": 0,
-                            "bbox": _xywh(b), "area": (b[2] - b[0]) * (b[3] - b[1])}
-                           for k, (b, c) in enumerate(zip(t["boxes"].tolist(), t["labels"].tolist())))
+            first_id = len(self.gt) + 1
+            self.gt.extend([{"id": first_id + k, "image_id": index, "category_id": int(c), "iscrowd": 0,
+                             "bbox": _xywh(b), "area": (b[2] - b[0]) * (b[3] - b[1])}
+                            for k, (b, c) in enumerate(zip(t["boxes"].tolist(), t["labels"].tolist()))])
             keep = p["scores"] >= self.score_threshold
             self.n_pred += int(keep.sum())
             if keep.any() and len(t["boxes"]):

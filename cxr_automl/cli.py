@@ -43,10 +43,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cxr_automl.config import ConfigError
     from cxr_automl.registry import RegistryError
     from cxr_automl.searchspace import SearchSpaceError
+    from cxr_automl.targets import TargetError
     from cxr_automl.trainer_utils import NonFiniteLossError, TrainerConfigError
     from cxr_automl.weights import WeightsError
     return (ConfigError, RegistryError, SearchSpaceError, TrainerConfigError, CheckpointError,
-            NonFiniteLossError, WeightsError)
+            NonFiniteLossError, WeightsError, TargetError)
 
 
 @app.command(context_settings=EXTRA)
@@ -80,7 +81,8 @@ def train(ctx: typer.Context,
     for key in sorted(k for k in metrics if k.startswith("test/") or k.startswith("best/")):
         table.add_row(key, f"{metrics[key]:.4f}")
     Console().print(table)
-    Console().print(f"wrote {run_dir}/{{config.yaml,last.ckpt,metrics.json,metrics.jsonl,predictions.csv}}")
+    written = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != "previous.ckpt")
+    Console().print(f"wrote {run_dir}/{{{','.join(written)}}}")
 
 
 @app.command(context_settings=EXTRA)
@@ -281,9 +283,17 @@ def dashboard(storage: str = typer.Option(..., "--storage"),
 
 
 @app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+            matrix: bool = typer.Option(False, "--matrix", help="Valid backbone × head combinations.")) -> None:
     """List every registered component, the distribution it comes from, and whether it loads."""
     from cxr_automl import registry
+    if matrix:
+        from cxr_automl.compat import print_matrix
+        try:
+            print_matrix(as_json)
+        except registry.RegistryError as exc:
+            raise _fail(str(exc))
+        return
     rows = []
     for kind in registry.KINDS:
         try:

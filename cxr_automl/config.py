@@ -85,6 +85,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     assert isinstance(plain, dict)
     for group in GROUPS:
         _check_component(group, plain[group])
+    from cxr_automl.compat import check_config  # backbone × head × dataset task, before building
+    reason = check_config(plain)
+    if reason:
+        raise ConfigError(reason)
     return plain
 
 

@@ -38,11 +38,13 @@ class BackboneOutput:
     """One forward pass of a backbone.
 
     ``pooled``: (N, D) embedding for classification. ``features``: multi-scale maps, NCHW, ordered from
-    high to low resolution, for dense heads.
+    high to low resolution, for dense heads. ``input_size``: (H, W) of the backbone's input, filled in by
+    the model wrapper, so dense heads can derive each map's stride without knowing the backbone.
     """
 
     pooled: torch.Tensor
     features: list[torch.Tensor]
+    input_size: tuple[int, int] | None = None
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -57,6 +59,9 @@ class Backbone(nn.Module, abc.ABC):
     embed_dim: int
     #: channels of each map in ``BackboneOutput.features``
     feature_channels: tuple[int, ...]
+    #: how many maps ``features`` holds, declared on the class so configs are checked before building
+    #: (None = undeclared: checked when the model is built)
+    num_feature_maps: int | None = None
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> BackboneOutput:
@@ -88,8 +93,10 @@ class Head(nn.Module, abc.ABC):
     ``in_channels`` and ``num_classes`` from them (the user never writes those).
     """
 
-    #: which evaluator applies: "classification" for now; "detection" and "segmentation" later
+    #: which evaluator applies (``cxr_automl.evaluators``): "classification", "segmentation", "detection"
     task: str = "classification"
+    #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
+    min_feature_maps: int = 0
 
     @abc.abstractmethod
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
@@ -98,10 +105,13 @@ class Head(nn.Module, abc.ABC):
     @abc.abstractmethod
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
              class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar task loss for one batch. ``class_weights`` (C,) come from the strategy, if any."""
+        """Scalar task loss for one batch. ``class_weights`` (C,) come from the strategy, if any (strategies
+        pass None for dense tasks unless they derive weights for them)."""
 
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities from outputs, for metrics and ``predictions.csv``."""
+    def predict(self, outputs: torch.Tensor) -> Any:
+        """What the task's evaluator scores, called on evaluation batches: class probabilities (N, C);
+        mask probabilities (N, C, h, w) at any resolution; or per image a dict of ``boxes`` (K, 4) xyxy
+        normalised to [0, 1], ``scores`` and ``labels``."""
         return torch.sigmoid(outputs.float())
 
 
@@ -237,7 +247,7 @@ class Strategy(abc.ABC):
 
     def monitor(self) -> str:
         """Name of the validation metric that selects the best epoch and feeds Optuna."""
-        return "val/macro_auc"
+        return "val/macro_auc"  # classification; strategies that serve dense tasks return theirs
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly (phase, class weights, EMA weights, patience...)."""

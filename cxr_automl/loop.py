@@ -1,13 +1,13 @@
 """The one training loop. Strategies decide what trains when; callbacks log, checkpoint and prune.
 
 Read ``Trainer.fit`` top to bottom: build → (resume) → for each epoch: plan, train, validate,
-callbacks → test on the best epoch's weights → write metrics.json and predictions.csv.
+callbacks → test on the best epoch's weights → write metrics.json and the task's predictions file
+(the evaluator is chosen by ``head.task``, see ``evaluators.py``).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import math
@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cxr_automl import registry
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
-from cxr_automl.metrics import classification_metrics
+from cxr_automl.evaluators import Evaluator, make_evaluator
 from cxr_automl.model import CXRModel, build_model
 from cxr_automl.trainer_utils import (
     NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, maybe_compile,
@@ -42,6 +41,17 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
+
+
+def to_cpu(value: Any) -> Any:
+    """Tensors (also inside the lists/dicts detection heads predict) moved to the CPU for evaluators."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_cpu(v) for v in value]
+    return value
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -233,53 +243,38 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, split: str, model: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def evaluate(self, split: str, model: nn.Module | None = None) -> tuple[dict[str, float], Evaluator]:
+        """Run ``model`` over a split; the head's task picks the evaluator (AUC, Dice/IoU, mAP)."""
         model = model or self.strategy.eval_model(self.model)
         was_training = model.training
         model.eval()
         loader = DataLoader(getattr(self.data, split), batch_size=self.tc.eval_batch_size, shuffle=False,
                             collate_fn=collate, **self.tc.loader_kwargs())
-        probs, labels, ids = [], [], []
+        evaluator = make_evaluator(model.head.task, self.data)
         for batch in loader:
             images = batch["image"].to(self.device)
             with autocast_context(self.device, self.tc.precision):
                 out = model(images)
-            probs.append(model.head.predict(out).float().cpu().numpy())
-            labels.append(batch["labels"].numpy())
-            ids.extend(batch["image_id"])
+            evaluator.update(to_cpu(model.head.predict(out)), batch)
         model.train(was_training)
-        return np.concatenate(probs), np.concatenate(labels), ids
-
-    def evaluate(self, split: str, model: nn.Module | None = None) -> tuple[dict[str, float], tuple]:
-        probs, labels, ids = self.predict(split, model)
-        metrics, _ = classification_metrics(probs, labels, self.data.class_names, split)
-        return metrics, (probs, labels, ids)
+        return evaluator.compute(split), evaluator
 
     def test(self) -> dict[str, float]:
-        """Test with the best epoch's evaluated weights; write metrics.json and predictions.csv."""
+        """Test with the best epoch's evaluated weights; write metrics.json and the predictions file."""
         model = self.strategy.eval_model(self.model)
         if self.best_state is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.best_state)
-        test_metrics, (probs, labels, ids) = self.evaluate("test", model)
+        test_metrics, evaluator = self.evaluate("test", model)
         last = {k: float(v) for k, v in self.history[-1].items()} if self.history else {}
         final = {**last, **test_metrics, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
                  f"best/{self.strategy.monitor()}": self.best_score}
         final = {k: v for k, v in final.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         (self.run_dir / "metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True))
-        self.write_predictions(probs, labels, ids)
+        evaluator.write(self.run_dir)
         for cb in self.callbacks:
             cb.on_fit_end(self, final)
         return final
-
-    def write_predictions(self, probs: np.ndarray, labels: np.ndarray, ids: list[str]) -> None:
-        names = self.data.class_names
-        with open(self.run_dir / "predictions.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["image_id", *[f"label:{c}" for c in names], *[f"prob:{c}" for c in names]])
-            for i, image_id in enumerate(ids):
-                lab = ["" if np.isnan(v) else int(v) for v in labels[i]]
-                w.writerow([image_id, *lab, *[f"{p:.6f}" for p in probs[i]]])
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

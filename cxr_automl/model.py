@@ -47,7 +47,10 @@ class CXRModel(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.adapter(images)))
+        x = self.adapter(images)
+        feats = self.backbone(x)
+        feats.input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        return self.head(feats)
 
 
 def build_model(backbone_cfg: dict[str, Any], head_cfg: dict[str, Any], data: DatasetBundle) -> CXRModel:

@@ -16,8 +16,13 @@ if TYPE_CHECKING:
     from cxr_automl.search import SearchOptions
 
 
-def _test_auc(t: optuna.trial.FrozenTrial) -> str:
-    value = (t.user_attrs.get("metrics") or {}).get("test/macro_auc")
+def _test_metric(space_metric: str) -> str:
+    """The test-split counterpart of the searched validation metric (val/mean_dice -> test/mean_dice)."""
+    return "test/" + space_metric.split("/", 1)[-1]
+
+
+def _test_value(t: optuna.trial.FrozenTrial, key: str = "test/macro_auc") -> str:
+    value = (t.user_attrs.get("metrics") or {}).get(key)
     return "" if value is None else f"{value:.4f}"
 
 
@@ -30,7 +35,9 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     ranked = sorted(complete, key=lambda t: t.value, reverse=reverse)
     table = Table(title=f"study {study.study_name}: best trials by {opts.space.metric} "
                         f"({', '.join(f'{n} {s}' for s, n in counts.items())})")
-    for col in ("trial", "val", "test macro AUC", "baseline", "params"):
+    test_key = _test_metric(opts.space.metric)
+    _test_auc = lambda t: _test_value(t, test_key)  # noqa: E731 - the column follows the searched metric
+    for col in ("trial", "val", test_key.replace("/", " "), "baseline", "params"):
         table.add_column(col, overflow="fold")
     shown = ranked[:top] + [t for t in complete if "baseline" in t.user_attrs and t not in ranked[:top]]
     for t in shown:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 #: keys under which training scripts commonly nest the state dict, tried in this order
 _WRAPPERS = ("state_dict", "model", "teacher", "student", "module", "backbone", "encoder")
 #: classifier keys that never match an encoder without a classification layer
-_DROP_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.")
+_DROP_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "omni_heads.", "projector.", "pooler.")
 
 
 class WeightsError(Exception):
@@ -44,22 +45,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: nn.Module, path: str | Path, strict: bool = False,
-              prefixes: tuple[str, ...] = ("module.", "backbone.", "encoder.", "model.", "net.")) -> None:
-    """Load ``path`` into ``module``, stripping common prefixes and classifier keys; report mismatches."""
+              prefixes: tuple[str, ...] = ("module.", "backbone.", "encoder.", "model.", "net."),
+              transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+              ) -> tuple[list[str], list[str]]:
+    """Load ``path`` into ``module``, stripping common prefixes and classifier keys; report mismatches.
+
+    ``transform`` runs on the raw state dict before the prefixes are stripped — for a library's own
+    converter of an older key layout (e.g. timm's Swin ``checkpoint_filter_fn``). Returns the missing and
+    unexpected keys (also logged).
+    """
     state = read_state_dict(path)
+    if transform is not None:
+        state = transform(_strip(state, prefixes, module.state_dict()))
     own = module.state_dict()
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        k = key
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p) and k not in own:
-                    k, changed = k[len(p):], True
-        if k.startswith(_DROP_PREFIXES) and k not in own:
-            continue
-        cleaned[k] = value
+    cleaned = {k: v for k, v in _strip(state, prefixes, own).items()
+               if not (k.startswith(_DROP_PREFIXES) and k not in own)}
     shape_bad = [k for k, v in cleaned.items() if k in own and own[k].shape != v.shape]
     if shape_bad:
         raise WeightsError(f"{path}: shape mismatch for {', '.join(shape_bad[:5])}"
@@ -71,4 +71,21 @@ def load_into(module: nn.Module, path: str | Path, strict: bool = False,
     log.info("loaded %s: %d tensors, %d missing, %d unexpected", path, len(cleaned) - len(unexpected),
              len(missing), len(unexpected))
     if missing or unexpected:
-        log.warning("weights %s: missing %s; unexpected %s", path, missing[:10], unexpected[:10])
+        log.warning("weights %s: %d missing %s; %d unexpected %s", path, len(missing), missing[:10],
+                    len(unexpected), unexpected[:10])
+    return missing, unexpected
+
+
+def _strip(state: dict[str, torch.Tensor], prefixes: tuple[str, ...], own: dict[str, torch.Tensor],
+           ) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.`` from DDP, ``backbone.``...) unless the key is ours as is."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k, changed = key, True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p) and k not in own:
+                    k, changed = k[len(p):], True
+        out[k] = value
+    return out

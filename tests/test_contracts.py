@@ -5,11 +5,19 @@ import torch
 
 from cxr_automl import config, registry
 from cxr_automl.model import build_model
-from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract
+from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract, example_batch
 
 
 def _built_in(kind):
     return [n for n, i in registry.available(kind).items() if i.distribution == "cxr-automl"]
+
+
+#: full-size backbones run offline at random init and, where the architecture allows, a smaller input
+FULL_SIZE = {"rad_dino": ["backbone.weights=null", "backbone.image_size=224"], "swin_b": []}
+
+
+def _backbone_params():
+    return [pytest.param(n, marks=pytest.mark.slow) if n in FULL_SIZE else n for n in _built_in("backbone")]
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +26,9 @@ def data():
 
 
 class TestBackbones(BackboneContract):
-    @pytest.fixture(params=_built_in("backbone"))
+    @pytest.fixture(params=_backbone_params())
     def backbone(self, request):
-        cfg = config.compose([f"backbone={request.param}"])["backbone"]
+        cfg = config.compose([f"backbone={request.param}", *FULL_SIZE.get(request.param, [])])["backbone"]
         cfg.pop("name")
         torch.manual_seed(0)
         return registry.build("backbone", request.param, **cfg)
@@ -33,8 +41,8 @@ class TestHeads(HeadContract):
                                                                 "num_classes": 3})
 
     @pytest.fixture
-    def batch(self):
-        return {"labels": torch.tensor([[1, 0, 0], [0, 1, float("nan")], [0, 0, 1], [1, 1, 0]])}
+    def batch(self, head):
+        return example_batch(head.task)
 
 
 class TestStrategies(StrategyContract):

@@ -57,10 +57,10 @@ class BackboneContract:
 
 class HeadContract:
     """Needs fixtures ``head`` (built for ``in_dim=32, in_channels=(8, 16, 32), num_classes=3``)
-    and ``batch`` (a dict with the head's targets for 4 images)."""
+    and ``batch`` (a dict with the head's targets for 4 images of 64×64, e.g. from ``example_batch``)."""
 
     def _feats(self) -> BackboneOutput:
-        return BackboneOutput(pooled=torch.randn(4, 32),
+        return BackboneOutput(pooled=torch.randn(4, 32), input_size=(64, 64),
                               features=[torch.randn(4, 8, 16, 16), torch.randn(4, 16, 8, 8), torch.randn(4, 32, 4, 4)])
 
     def test_forward_loss_backward(self, head: Head, batch: dict) -> None:
@@ -71,8 +71,35 @@ class HeadContract:
         assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
 
     def test_predict_is_probability(self, head: Head, batch: dict) -> None:
-        probs = head.predict(head(self._feats()))
-        assert ((probs >= 0) & (probs <= 1)).all()
+        head.eval()
+        with torch.no_grad():
+            pred = head.predict(head(self._feats()))
+        if head.task == "detection":  # per image: boxes xyxy in [0, 1], scores in [0, 1], class ids
+            assert len(pred) == 4
+            for p in pred:
+                assert p["boxes"].shape == (len(p["scores"]), 4) and len(p["labels"]) == len(p["scores"])
+                assert ((p["scores"] >= 0) & (p["scores"] <= 1)).all()
+                assert ((p["boxes"] >= 0) & (p["boxes"] <= 1)).all()
+                assert ((p["labels"] >= 0) & (p["labels"] < 3)).all()
+        else:
+            assert ((pred >= 0) & (pred <= 1)).all()
+
+
+def example_batch(task: str, num_classes: int = 3, n: int = 4, size: int = 64) -> dict:
+    """Targets of ``n`` random ``size``² images for a head of ``task`` (the last image has no boxes)."""
+    gen = torch.Generator().manual_seed(0)
+    batch: dict = {"image": torch.rand(n, 1, size, size, generator=gen),
+                   "image_id": [f"img{i}" for i in range(n)]}
+    if task == "classification":
+        batch["labels"] = (torch.rand(n, num_classes, generator=gen) > 0.5).float()
+        batch["labels"][1, -1] = float("nan")  # an unknown label
+    elif task == "segmentation":
+        batch["masks"] = (torch.rand(n, num_classes, size, size, generator=gen) > 0.5).to(torch.uint8)
+    elif task == "detection":
+        batch["boxes"] = [torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 20.0, 60.0, 50.0]])] * (n - 1) \
+            + [torch.zeros(0, 4)]
+        batch["box_labels"] = [torch.tensor([0, num_classes - 1])] * (n - 1) + [torch.zeros(0, dtype=torch.long)]
+    return batch
 
 
 class StrategyContract:
@@ -98,9 +125,6 @@ class StrategyContract:
         assert strategy.after_epoch(0, {strategy.monitor(): 0.5}) in (True, False)
         state = strategy.state_dict()
         strategy.load_state_dict(state)
-
-
-__all__ = ["BackboneContract", "HeadContract", "StrategyContract"]
 
 
 class DatasetContract:
@@ -136,3 +160,6 @@ class DatasetContract:
                     assert masks.shape[1:] == img.shape[1:] and int(masks.max()) <= 1
         clone = pickle.loads(pickle.dumps(bundle.train))  # DataLoader workers receive a pickled split
         assert torch.equal(clone[0]["image"], bundle.train[0]["image"])
+
+
+__all__ = ["BackboneContract", "DatasetContract", "HeadContract", "StrategyContract", "example_batch"]

@@ -19,6 +19,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TimmResNet(Backbone):
     """Wraps a timm ``ResNet``; its blocks are the stem then every residual block, in order."""
 
+    num_feature_maps = 4
+
     def __init__(self, net: ResNet, image_size: int = 224):
         super().__init__()
         self.net = net

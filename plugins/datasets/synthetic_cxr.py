@@ -183,6 +183,8 @@ class SyntheticSplit(torch.utils.data.Dataset):
             dy, dx = (int(v) for v in rng.integers(-4, 5, size=2))
             img, masks = _shift(img, dy, dx), _shift(masks, dy, dx)
             boxes = np.clip(boxes + np.array([dx, dy, dx, dy], np.float32), 0, size)
+            kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # shifted out of the image
+            boxes, cls = boxes[kept], cls[kept]
         return {"image": torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0),
                 "labels": torch.from_numpy(self.labels[i].copy()),
                 "image_id": f"synthetic_cxr/{self.split}/{i:06d}",
@@ -239,21 +241,28 @@ def keep_label_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nd
     return out
 
 
+TASKS = ("classification", "segmentation", "detection")
+
+
 def synthetic_cxr(n_train: int = 1000, n_val: int = 250, n_test: int = 250, image_size: int = 128,
                   seed: int = 0, cache_dir: str | None = None, augment: bool = True,
-                  label_fraction: float = 1.0) -> DatasetBundle:
-    """Seeded synthetic chest X-rays (multi-label findings, boxes, masks), cached after the first call.
+                  label_fraction: float = 1.0, task: str = "classification") -> DatasetBundle:
+    """Seeded synthetic chest X-rays, cached after the first call. The same images serve every ``task``:
+    classification (5 multi-label findings), segmentation (masks of heart, left lung, right lung and
+    lesions) or detection (finding boxes, classes = the findings).
 
     ``label_fraction`` keeps the training labels of a seeded subset of images (the rest are unknown),
     for label-efficiency protocols such as MLVICX's 1/10/30/100 %."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}")
     if image_size < 32:
         raise ValueError(f"image_size={image_size} is too small to draw anatomy; use 32 or more")
     params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": image_size, "seed": seed}
     data, path = load_or_generate(params, cache_dir)
     data["train"]["labels"] = keep_label_fraction(data["train"]["labels"], float(label_fraction), seed)
     splits = {s: SyntheticSplit(data[s], s, seed, augment and s == "train") for s in SPLITS}
-    return DatasetBundle(train=splits["train"], val=splits["val"], test=splits["test"], class_names=list(CLASSES),
-                         task="classification", channels=1,
+    return DatasetBundle(train=splits["train"], val=splits["val"], test=splits["test"],
+                         class_names=list(STRUCTURES if task == "segmentation" else CLASSES), task=task, channels=1,
                          extras={**{f"{s}_labels": data[s]["labels"] for s in SPLITS},
                                  "structures": list(STRUCTURES),
                                  "generator": {"params": params, "version": GENERATOR_VERSION, "cache": str(path)}})

@@ -2,7 +2,7 @@
 
 SPFT: stage 1 trains the head only; stage 2 unfreezes the top-k backbone blocks progressively;
 hybrid class reweighting (label-distribution initial weights, refined each epoch from per-class
-validation AUC); an EMA of the parameters is what gets evaluated; early stopping on macro AUC.
+validation AUC); an EMA of the parameters is what gets evaluated; early stopping on the task's validation metric (macro AUC; mean Dice or mAP@0.5 for dense heads).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from cxr_automl.evaluators import primary_metric
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
 
 
@@ -63,6 +64,7 @@ class StagedFinetune(Strategy):
         self.ema: ModelEmaV3 | None = None
         self.best = -math.inf
         self.bad_epochs = 0
+        self.task = "classification"
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, data: DatasetBundle) -> None:
@@ -71,7 +73,10 @@ class StagedFinetune(Strategy):
             self.unfreeze_k = n_blocks if self.unfreeze_k < 0 else self.unfreeze_k
             self.unfreeze_k = min(self.unfreeze_k, n_blocks)
         self.class_names = list(data.class_names)
-        if self.class_weighting:
+        self.task = data.task
+        # label-frequency weights and their AUC feedback are defined for multi-label classification;
+        # dense heads get class_weights=None
+        if self.class_weighting and data.task == "classification":
             self.class_weights = initial_class_weights(data.label_matrix("train"))
         if self.ema_decay is not None:
             self.ema = ModelEmaV3(model, decay=self.ema_decay)
@@ -105,6 +110,10 @@ class StagedFinetune(Strategy):
 
     def loss(self, model: nn.Module, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.head.loss(outputs, batch, class_weights=self.class_weights)
+
+    def monitor(self) -> str:
+        """Macro AUC for classification, mean Dice for segmentation, mAP@0.5 for detection."""
+        return primary_metric(self.task)
 
     def after_step(self, model: nn.Module) -> None:
         if self.ema is not None:

@@ -1,0 +1,207 @@
+"""Per-task evaluation: what the loop does with predictions, chosen by ``head.task``.
+
+The loop runs the model over a split and calls ``update(predictions, batch)`` per batch, then
+``compute(prefix)`` for metrics (named ``<prefix>/...``) and, on the test split, ``write(run_dir)`` for
+the per-image predictions file. Metrics come from libraries (scikit-learn, torchmetrics/pycocotools).
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.metrics import classification_metrics
+from cxr_automl.targets import check_boxes, check_masks
+
+log = logging.getLogger(__name__)
+
+#: the validation metric that selects the best epoch (and feeds Optuna) for each task
+PRIMARY = {"classification": "macro_auc", "segmentation": "mean_dice", "detection": "map_50"}
+
+
+def primary_metric(task: str, split: str = "val") -> str:
+    if task not in PRIMARY:
+        raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(PRIMARY)}")
+    return f"{split}/{PRIMARY[task]}"
+
+
+class Evaluator(abc.ABC):
+    """Accumulates one split's predictions; one instance per evaluation."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = list(class_names)
+        self.ids: list[str] = []
+
+    @abc.abstractmethod
+    def update(self, predictions: Any, batch: dict[str, Any]) -> None:
+        """Called once per batch with ``head.predict(outputs)`` (on the CPU) and the batch."""
+
+    @abc.abstractmethod
+    def compute(self, prefix: str) -> dict[str, float]:
+        """Called after the last batch: flat ``<prefix>/name -> value``."""
+
+    @abc.abstractmethod
+    def write(self, run_dir: Path) -> None:
+        """Called on the test split only: the per-image predictions file of the run directory."""
+
+
+class ClassificationEvaluator(Evaluator):
+    """Per-class and macro ROC AUC; ``predictions.csv`` with labels and probabilities."""
+
+    def __init__(self, class_names: list[str]):
+        super().__init__(class_names)
+        self.probs: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def update(self, predictions: torch.Tensor, batch: dict[str, Any]) -> None:
+        self.probs.append(predictions.float().numpy())
+        self.labels.append(batch["labels"].numpy())
+        self.ids.extend(batch["image_id"])
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        return classification_metrics(np.concatenate(self.probs), np.concatenate(self.labels),
+                                      self.class_names, prefix)[0]
+
+    def write(self, run_dir: Path) -> None:
+        probs, labels, names = np.concatenate(self.probs), np.concatenate(self.labels), self.class_names
+        with open(Path(run_dir) / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_id", *[f"label:{c}" for c in names], *[f"prob:{c}" for c in names]])
+            for i, image_id in enumerate(self.ids):
+                lab = ["" if np.isnan(v) else int(v) for v in labels[i]]
+                w.writerow([image_id, *lab, *[f"{p:.6f}" for p in probs[i]]])
+
+
+class SegmentationEvaluator(Evaluator):
+    """Dice and IoU per class and their means over the split (pixels pooled over all images, so an
+    image where a class is absent neither helps nor hurts), with masks thresholded at 0.5.
+
+    ``predictions.csv`` holds per-image, per-class Dice; empty where the class is absent from both the
+    mask and the prediction (Dice is undefined there, not 1 or 0).
+    """
+
+    def __init__(self, class_names: list[str], threshold: float = 0.5):
+        super().__init__(class_names)
+        from torchmetrics.segmentation import DiceScore
+        self.threshold = threshold
+        self.dice = DiceScore(num_classes=len(class_names), average="none", aggregation_level="global",
+                              input_format="one-hot")
+        self.per_image: list[torch.Tensor] = []
+
+    def update(self, predictions: torch.Tensor, batch: dict[str, Any]) -> None:
+        from torchmetrics.functional.segmentation import dice_score
+        masks = check_masks(batch, len(self.class_names))
+        probs = predictions.float()
+        if probs.shape[-2:] != masks.shape[-2:]:  # heads predict at feature resolution; score at the mask's
+            probs = F.interpolate(probs, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        hard = (probs >= self.threshold).long()
+        self.dice.update(hard, masks)
+        self.per_image.append(dice_score(hard, masks, num_classes=len(self.class_names), average="none",
+                                         aggregation_level="samplewise", input_format="one-hot"
+                                         ).reshape(len(hard), -1))
+        self.ids.extend(batch["image_id"])
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        dice = self.dice.compute().reshape(-1)  # (C,); torchmetrics squeezes a single class to 0-d
+        # with pixels pooled over the split, IoU = TP/(TP+FP+FN) and Dice = 2TP/(2TP+FP+FN) are tied by
+        # IoU = Dice / (2 - Dice) exactly, so one library count serves both
+        iou = dice / (2 - dice)
+        out = {f"{prefix}/dice/{c}": float(d) for c, d in zip(self.class_names, dice)}
+        out.update({f"{prefix}/iou/{c}": float(v) for c, v in zip(self.class_names, iou)})
+        out[f"{prefix}/mean_dice"] = float(dice.mean())
+        out[f"{prefix}/mean_iou"] = float(iou.mean())
+        return out
+
+    def write(self, run_dir: Path) -> None:
+        per_image = torch.cat(self.per_image).numpy()
+        with open(Path(run_dir) / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image_id", *[f"dice:{c}" for c in self.class_names]])
+            for image_id, row in zip(self.ids, per_image):
+                w.writerow([image_id, *["" if np.isnan(v) else f"{v:.6f}" for v in row]])
+
+
+class DetectionEvaluator(Evaluator):
+    """mAP@0.40 (Foundation X), mAP@0.50 and mAP@0.50:0.95 (COCO protocol, torchmetrics on
+    pycocotools), mean average recall (AR@100) and precision at IoU 0.5 and score 0.5.
+
+    Predictions are per image ``{"boxes" (K, 4) xyxy in [0, 1], "scores", "labels"}``; they are scaled
+    to the image's pixels here. ``predictions.json`` is in COCO results format (xywh pixels, integer
+    ``image_id`` = position in the split); ``coco_gt.json`` beside it is the split's ground truth in COCO
+    format (``file_name`` = our image id), so pycocotools' COCOeval can re-score a run on its own.
+    """
+
+    def __init__(self, class_names: list[str], score_threshold: float = 0.5):
+        super().__init__(class_names)
+        from torchmetrics.detection import MeanAveragePrecision
+        self.coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.at40 = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.4],
+                                         backend="pycocotools")
+        self.score_threshold = score_threshold
+        self.results: list[dict[str, Any]] = []
+        self.gt: list[dict[str, Any]] = []
+        self.tp = self.n_pred = 0
+
+    def update(self, predictions: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
+        from torchvision.ops import box_iou
+        h, w = batch["image"].shape[-2:]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        targets = check_boxes(batch, len(self.class_names))
+        preds = [{"boxes": p["boxes"].float() * scale, "scores": p["scores"].float(),
+                  "labels": p["labels"].long()} for p in predictions]
+        self.coco.update(preds, targets)
+        self.at40.update(preds, targets)
+        for image_id, p, t in zip(batch["image_id"], preds, targets):
+            index = len(self.ids)
+            self.ids.append(image_id)
+            first_id = len(self.gt) + 1
+            self.gt.extend([{"id": first_id + k, "image_id": index, "category_id": int(c), "iscrowd": 0,
+                             "bbox": _xywh(b), "area": (b[2] - b[0]) * (b[3] - b[1])}
+                            for k, (b, c) in enumerate(zip(t["boxes"].tolist(), t["labels"].tolist()))])
+            keep = p["scores"] >= self.score_threshold
+            self.n_pred += int(keep.sum())
+            if keep.any() and len(t["boxes"]):
+                same = p["labels"][keep, None] == t["labels"][None, :]
+                self.tp += int(((box_iou(p["boxes"][keep], t["boxes"]) >= 0.5) & same).any(1).sum())
+            for box, score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
+                self.results.append({"image_id": index, "category_id": int(label), "bbox": _xywh(box),
+                                     "score": round(score, 5)})
+        self._hw = (int(h), int(w))
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        coco, at40 = self.coco.compute(), self.at40.compute()
+        out = {f"{prefix}/map_40": float(at40["map"]), f"{prefix}/map_50": float(coco["map_50"]),
+               f"{prefix}/map_50_95": float(coco["map"]), f"{prefix}/recall_100": float(coco["mar_100"]),
+               f"{prefix}/precision_50": self.tp / self.n_pred if self.n_pred else 0.0}
+        # -1 is pycocotools' "no ground truth to score against", not a score
+        return {k: v for k, v in out.items() if v >= 0}
+
+    def write(self, run_dir: Path) -> None:
+        h, w = getattr(self, "_hw", (0, 0))
+        gt = {"images": [{"id": i, "file_name": n, "height": h, "width": w} for i, n in enumerate(self.ids)],
+              "annotations": self.gt,
+              "categories": [{"id": i, "name": c} for i, c in enumerate(self.class_names)]}
+        (Path(run_dir) / "predictions.json").write_text(json.dumps(self.results))
+        (Path(run_dir) / "coco_gt.json").write_text(json.dumps(gt))
+
+
+def _xywh(box: list[float]) -> list[float]:
+    return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
+
+
+def make_evaluator(task: str, data: DatasetBundle) -> Evaluator:
+    """The evaluator for a head's task; the loop calls this once per evaluation."""
+    evaluators = {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator,
+                  "detection": DetectionEvaluator}
+    if task not in evaluators:
+        raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(evaluators)}")
+    return evaluators[task](data.class_names)

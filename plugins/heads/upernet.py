@@ -1,0 +1,68 @@
+"""``upernet``: UperNet segmentation (transformers' ``UperNetHead``) on any backbone's multi-scale maps.
+
+transformers' head takes a list of NCHW maps with given channels — exactly ``BackboneOutput.features`` —
+so it sits on ResNet, Swin and the RAD-DINO feature pyramid alike. Classes are independent masks (the
+synthetic lesion mask overlaps the lungs), so the loss is per-class sigmoid BCE + soft Dice, as in SPFT's
+segmentation recipe; logits are scored at the mask's resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import UperNetConfig
+from transformers.models.upernet.modeling_upernet import UperNetHead
+
+from cxr_automl.interfaces import BackboneOutput, Head
+from cxr_automl.targets import check_masks
+
+
+def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per class, pooled over the batch's pixels, then per-class values (N... -> (C,))."""
+    probs = logits.sigmoid()
+    dims = (0, 2, 3)
+    inter = (probs * masks).sum(dims)
+    return 1 - (2 * inter + eps) / (probs.sum(dims) + masks.sum(dims) + eps)
+
+
+class UperNetSegHead(Head):
+    """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
+
+    task = "segmentation"
+    min_feature_maps = 2
+
+    def __init__(self, in_channels: tuple[int, ...], num_classes: int, hidden: int, pool_scales: tuple[int, ...],
+                 dice_weight: float, bce_weight: float):
+        super().__init__()
+        cfg = UperNetConfig(hidden_size=hidden, pool_scales=list(pool_scales), num_labels=num_classes)
+        self.net = UperNetHead(cfg, in_channels=list(in_channels))
+        self.num_classes = num_classes
+        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+
+    def forward(self, feats: BackboneOutput) -> torch.Tensor:
+        # timm Swin's NCHW maps are permuted views; the convolutions want contiguous input
+        return self.net([f.contiguous() for f in feats.features])
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        masks = check_masks(batch, self.num_classes).to(outputs.device, torch.float32)
+        logits = F.interpolate(outputs.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(0, 2, 3))
+        dice = soft_dice_loss(logits, masks)
+        per_class = self.bce_weight * bce + self.dice_weight * dice
+        if class_weights is not None:
+            per_class = per_class * class_weights.to(per_class)
+        return per_class.mean()
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(outputs.float())
+
+
+def upernet(in_channels: tuple[int, ...], num_classes: int, hidden: int = 128,
+            pool_scales: tuple[int, ...] = (1, 2, 3, 6), dice_weight: float = 1.0,
+            bce_weight: float = 1.0) -> UperNetSegHead:
+    """UperNet (PSP on the coarsest map + FPN over all maps). ``hidden``: channels of the fused maps
+    (512 in the paper's Swin-B setup; smaller is plenty on CPU); loss = bce_weight·BCE + dice_weight·Dice."""
+    if len(in_channels) < 2:
+        raise ValueError(f"upernet needs a backbone with at least 2 feature maps; got {len(in_channels)}")
+    return UperNetSegHead(tuple(in_channels), num_classes, hidden, tuple(pool_scales), dice_weight, bce_weight)

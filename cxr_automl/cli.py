@@ -17,9 +17,12 @@ from rich.table import Table
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
     help="Find the best way to adapt a chest X-ray foundation model to a task.\n\n"
-         "Components (backbone, head, strategy, dataset) are plugins; a run is composed from\n"
+         "Components (backbone, head, strategy, dataset) are plugins; a run is composed from "
          "cxr_automl/conf with Hydra overrides such as [bold]backbone=resnet18 strategy.unfreeze_k=2[/bold].\n\n"
-         "Start with: [bold]cxr-automl search[/bold] (synthetic data, tiny backbone, local SQLite study).")
+         "Start with: [bold]cxr-automl search[/bold] (synthetic data, tiny backbone, local SQLite study).\n\n"
+         "Then: [bold]cxr-automl plugins --matrix[/bold], [bold]cxr-automl train --show-config[/bold], "
+         "[bold]cxr-automl data check dataset=NAME dataset.root=DIR[/bold], "
+         "[bold]cxr-automl search --workers 4 --launcher slurm[/bold], [bold]cxr-automl report[/bold].")
 console = Console(stderr=True)
 OVERRIDES_HELP = ("Hydra overrides key=value, e.g. backbone=resnet18 head=linear strategy.epochs=5 "
                   "trainer.batch_size=16 dataset.n_train=500")
@@ -54,7 +57,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def train(ctx: typer.Context,
           show_config: bool = typer.Option(False, "--show-config", help="Print the resolved config and exit."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Train one run: writes config.yaml, last.ckpt, metrics.json, metrics.jsonl and predictions.csv.
+    """Train one run into a run directory (re-running the same run_dir resumes it).
+
+    Writes config.yaml, last.ckpt, metrics.json, metrics.jsonl and predictions.csv (or predictions.json).
 
     Example: [bold]cxr-automl train strategy=finetune strategy.unfreeze_k=0 run_dir=runs/probe[/bold]
     (re-running with the same run_dir resumes from its last checkpoint).
@@ -164,7 +169,9 @@ def data_check(ctx: typer.Context,
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
                mask_samples: int = typer.Option(200, "--mask-samples", help="Items per split read for mask statistics."),
                verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Validate a dataset configuration: images found / missing / unreadable, labels per class and split,
+    """Validate a dataset: images, labels per class and split, patients, boxes, masks.
+
+    Reports images found / missing / unreadable, labels per class and split,
     patients per split, boxes and masks. Exit code 1 when rows had to be skipped.
 
     Example: [bold]cxr-automl data check dataset=nih_cxr14 dataset.root=/data/nih[/bold]
@@ -187,7 +194,9 @@ def data_check(ctx: typer.Context,
 @app.command(context_settings=EXTRA)
 def plan(ctx: typer.Context,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows).")) -> None:
-    """Print a strategy's epoch-by-epoch schedule without training: epoch, dataset, task, data
+    """Print a strategy's epoch-by-epoch schedule without training anything.
+
+    One row per epoch: epoch, dataset, task, data
     fraction, mode (lock/release) and which components train.
 
     Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
@@ -220,7 +229,7 @@ def worker(ctx: typer.Context,
            grace_period: int = typer.Option(120, "--grace-period"),
            poll_seconds: float = typer.Option(5.0, "--poll-seconds", help="Wait between checks when all slots run."),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """One worker: run the study's trials until it holds its target number of finished trials.
+    """Run one worker: take the study's trials until it holds its target number of finished trials.
 
     Example (inside sbatch --array): [bold]cxr-automl worker --study spft --storage journal:runs/cxr-automl.log[/bold]
     """
@@ -256,8 +265,10 @@ def status(study: list[str] = typer.Option(None, "--study", help="Study name (re
 def report(storage: str = typer.Option(..., "--storage"),
            study: list[str] = typer.Option(None, "--study", help="Study to compare (repeatable); default: all."),
            out: Path = typer.Option(Path("report.html"), "--out", "-o")) -> None:
-    """One self-contained HTML page comparing studies: best values, histories, importances, parallel
-    coordinates, learning curves, per-class AUC of each best trial."""
+    """Write one self-contained HTML page comparing studies side by side.
+
+    Best values, histories, importances, parallel coordinates, learning curves, per-class AUC of each
+    study's best trial."""
     from cxr_automl import report as report_mod
     from cxr_automl import storage as storage_mod
     try:
@@ -271,7 +282,9 @@ def report(storage: str = typer.Option(..., "--storage"),
 def dashboard(storage: str = typer.Option(..., "--storage"),
               host: str = typer.Option("127.0.0.1", "--host", help="Loopback by default; 0.0.0.0 exposes it."),
               port: int = typer.Option(8080, "--port")) -> None:
-    """Serve optuna-dashboard on the study storage (every trial's user attrs: components, run dir, metrics)."""
+    """Serve optuna-dashboard on a study storage (loopback by default).
+
+    Every trial's user attrs show its components, run dir, metrics and failure reason."""
     from optuna_dashboard import run_server
     from cxr_automl import storage as storage_mod
     try:

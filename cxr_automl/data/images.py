@@ -76,7 +76,9 @@ def decode_raster(path: str | Path) -> np.ndarray:
                 bits = max(8, int(max(arr.max(), 1)).bit_length())
                 return np.clip(arr / float(2 ** bits - 1), 0, 1)
             return np.asarray(im.convert("L"), np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    # ImportError: once ultralytics is imported (yolov8 head) it patches Image.open to retry unknown
+    # files with pi_heif, which is not installed, so a corrupt file surfaces as ModuleNotFoundError.
+    except (OSError, SyntaxError, ValueError, ImportError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"Pillow cannot decode it: {exc}") from exc
 
 
@@ -146,7 +148,7 @@ def load_resized(path: str | Path, geometry: Geometry) -> tuple[np.ndarray, tupl
                 full = im.size
                 im.draft("L", (geometry.size, geometry.size))
                 arr = np.asarray(im.convert("L"), np.float32) / 255.0
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, ImportError) as exc:  # ImportError: see decode_raster
             raise ImageReadError(f"Pillow cannot decode it: {exc}") from exc
         return geometry.image(arr), full
     arr = decode_image(p)

@@ -72,7 +72,8 @@ class Backbone(nn.Module, abc.ABC):
 
         Called by strategies that refine intermediate maps *inline* (mlvicx's context bottlenecks
         replace a stage's output through a forward hook, so the refined map feeds the next stage).
-        A backbone without it still works with them, refined post hoc only.
+        Each module's output must be the NCHW map itself (a Swin stage emitting NHWC tokens should not be
+        listed). A backbone without it still works with them, refined post hoc only.
         """
         raise NotImplementedError(f"{type(self).__name__} does not expose its stage modules")
 

@@ -176,7 +176,7 @@ def test_table_iv_ablation_space_is_exactly_its_three_arms():
 @pytest.mark.slow
 def test_mlvicx_search_space_runs_end_to_end(in_tmp):
     tiny = [o for o in TINY if not o.startswith("head.")]  # the space sets head=linear
-    run_cli("search", "-s", "mlvicx", "-n", "2", *tiny, "strategy.expander_dim=32", "strategy.epochs=2",
+    run_cli("search", "-s", "mlvicx", "-n", "2", *tiny, "strategy.expander_dim=32", "strategy.epochs=1",
             "strategy.downstream_epochs=2", cwd=in_tmp)
     import optuna
     study = optuna.load_study(study_name="mlvicx", storage=f"sqlite:///{in_tmp / 'runs' / 'cxr-automl.db'}")

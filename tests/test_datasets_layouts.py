@@ -185,6 +185,11 @@ def test_generic_csv_and_its_errors(tmp_path):
     (tmp_path / "b" / "5.png").write_bytes(b"not an image")
     with pytest.raises(registry.RegistryError, match=r"5.png \(.*labels.csv:6\): cannot read the image"):
         build("csv", tmp_path, **{**opts, "uncertain": "ignore"})
+    with pytest.raises(registry.RegistryError, match=r"5.png \(.*labels.csv:6\): cannot read the image"):
+        build("csv", tmp_path, **{**opts, "uncertain": "ignore", "cache": False})  # headers checked up front
+    d = build("csv", tmp_path, **{**opts, "uncertain": "ignore", "cache": False, "on_error": "skip"})
+    assert d.extras["report"]["skipped"] == {"unreadable": 1} and d.extras["cache"] is None
+    assert d.train[0]["image"].shape == (1, 32, 32)  # decoded from the file on access
     # findings in one column, NIH-style
     (tmp_path / "f.csv").write_text("image,findings\na/1.png,Effusion|Nodule\na/2.png,No Finding\nb/3.png,Nodule\n"
                                     "b/4.png,Edema\nb/6.png,No Finding\n")

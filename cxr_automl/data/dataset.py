@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cxr_automl.data.cache import Decoder, ImageCache, build_or_load
-from cxr_automl.data.images import Geometry, ImageReadError, load_resized
+from cxr_automl.data.images import Geometry, ImageReadError, load_resized, probe
 from cxr_automl.data.records import SPLITS, DataError, Problems, Record, assign_splits, label_fraction_subset
 from cxr_automl.interfaces import DatasetBundle
 
@@ -151,6 +151,15 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
             checked.append(i)
         keep = checked
         records, rows = [records[i] for i in keep], keep
+    elif decoder is load_resized:  # no cache: at least read every header now, not mid-epoch
+        readable = []
+        for i in rows:
+            reason = probe(records[i].path)
+            if reason:
+                problems("unreadable", f"{records[i].path} ({records[i].source}): cannot read the image: {reason}")
+            else:
+                readable.append(i)
+        records, rows = [records[i] for i in readable], list(range(len(readable)))
     by_split: dict[str, tuple[list[Record], list[int]]] = {s: ([], []) for s in SPLITS}
     for rec, row in zip(records, rows):
         by_split[rec.split][0].append(rec)  # type: ignore[index]

@@ -265,6 +265,10 @@ def test_siim_rle_masks_roundtrip(siim_root, tmp_path):
         assert bool(items[image_id]["masks"].any()) == positive
     frac = items[single]["masks"].float().mean().item()
     assert frac == pytest.approx(mask.mean(), abs=0.01)  # same area after resizing
+    assert len(list((tmp_path / "cache" / "siim_acr").glob("*.masks.npy"))) == 1  # masks decoded once, like images
+    direct = build("siim_acr", tmp_path, root=str(siim_root), image_size=64, augment=False, cache=False)
+    for i in range(len(direct.test)):  # the mask cache holds exactly what decoding on the fly gives
+        assert torch.equal(direct.test[i]["masks"], items[direct.test[i]["image_id"]]["masks"])
 
 
 def test_siim_rle_that_does_not_fit(siim_root, tmp_path):

@@ -49,8 +49,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cxr_automl.targets import TargetError
     from cxr_automl.trainer_utils import NonFiniteLossError, TrainerConfigError
     from cxr_automl.weights import WeightsError
+    from cxr_automl.data import DataError  # e.g. an image that breaks mid-run with dataset.cache=false
     return (ConfigError, RegistryError, SearchSpaceError, TrainerConfigError, CheckpointError,
-            NonFiniteLossError, WeightsError, TargetError)
+            NonFiniteLossError, WeightsError, TargetError, DataError)
 
 
 @app.command(context_settings=EXTRA)
@@ -178,10 +179,9 @@ def data_check(ctx: typer.Context,
     """
     _setup_logging(verbose)
     from cxr_automl import datacheck
-    from cxr_automl.data import DataError
     try:
         rep = datacheck.check(ctx.args, mask_samples=mask_samples)
-    except (*_user_errors(), DataError) as exc:
+    except _user_errors() as exc:
         raise _fail(str(exc))
     if as_json:
         print(json.dumps(rep.as_dict(), indent=2))

@@ -107,3 +107,15 @@ def make_nih(root: Path, n_rows: int) -> Path:
         (root / fname).write_text("\n".join(names) + "\n")
     (root / "BBox_List_2017.csv").write_text((labels / "BBox_List_2017.csv").read_text())
     return root
+
+
+#: the production components at toy sizes, for one-epoch training runs on each layout
+TRAIN_TINY = ["backbone.width=8", "backbone.image_size=32", "head.hidden=16", "strategy=finetune",
+              "strategy.epochs=1", "trainer.batch_size=8", "trainer.progress=false", "dataset.image_size=32"]
+
+
+def train_once(overrides: list[str], run_dir: Path) -> dict:
+    """Compose a config the way `cxr-automl train` does and run one tiny epoch of the real loop."""
+    from cxr_automl import config, run
+    cfg = config.compose([*TRAIN_TINY, *overrides])
+    return run.train(cfg, run_dir)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cxr_automl import registry
 from cxr_automl.testing.contracts import DatasetContract
-from cxr_files import SHARED, write_png
+from cxr_files import SHARED, train_once, write_png
 
 COVID = SHARED / "covid-seg-100"
 STRUCTURES = ["Cardiomediastinum", "Left Lung", "Right Lung"]
@@ -185,6 +185,11 @@ def test_generic_csv_and_its_errors(tmp_path):
     (tmp_path / "b" / "5.png").write_bytes(b"not an image")
     with pytest.raises(registry.RegistryError, match=r"5.png \(.*labels.csv:6\): cannot read the image"):
         build("csv", tmp_path, **{**opts, "uncertain": "ignore"})
+    with pytest.raises(registry.RegistryError, match=r"5.png \(.*labels.csv:6\): cannot read the image"):
+        build("csv", tmp_path, **{**opts, "uncertain": "ignore", "cache": False})  # headers checked up front
+    d = build("csv", tmp_path, **{**opts, "uncertain": "ignore", "cache": False, "on_error": "skip"})
+    assert d.extras["report"]["skipped"] == {"unreadable": 1} and d.extras["cache"] is None
+    assert d.train[0]["image"].shape == (1, 32, 32)  # decoded from the file on access
     # findings in one column, NIH-style
     (tmp_path / "f.csv").write_text("image,findings\na/1.png,Effusion|Nodule\na/2.png,No Finding\nb/3.png,Nodule\n"
                                     "b/4.png,Edema\nb/6.png,No Finding\n")
@@ -248,3 +253,25 @@ def test_tbx11k_layout_is_coco_with_val_as_test(covid, tmp_path):
     d = build("tbx11k", tmp_path, root=str(root), image_size=32)
     assert len(d.test) == 10 and len(d.train) + len(d.val) == 30 and d.class_names == STRUCTURES
     assert "masks" not in d.train[0] and len(d.train[0]["boxes"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["coco", "yolo", "mask_folder", "csv"])
+def test_train_runs_on_each_layout(name, covid, tmp_path):
+    root = covid["root"]
+    opts = {"coco": [f"dataset.annotations={root / 'coco.json'}", f"dataset.images={root / 'coco_images'}"],
+            "yolo": [f"dataset.data={root / 'yolo' / 'data.yaml'}"],
+            "mask_folder": [f"dataset.root={root / 'masks_layout'}"],
+            "csv": []}[name]
+    if name == "csv":  # covid-seg-100's own metadata.csv: one finding column, real images
+        (tmp_path / "images").mkdir()
+        rows = list(csv.DictReader(open(COVID / "metadata.csv")))
+        with open(tmp_path / "meta.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["image", "patient", "finding"])
+            for r in rows:
+                w.writerow([Path(r["filename"]).stem + ".png", r["patientid"], r["finding"].replace("/", "|")])
+        opts = [f"dataset.path={tmp_path / 'meta.csv'}", f"dataset.images={COVID / 'images'}",
+                "dataset.findings_col=finding", "dataset.patient_col=patient"]
+    metrics = train_once([f"dataset={name}", f"dataset.cache_dir={tmp_path / 'cache'}", *opts], tmp_path / "run")
+    assert metrics["epochs_run"] == 1 and (tmp_path / "run" / "predictions.csv").is_file()

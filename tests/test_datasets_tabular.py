@@ -15,7 +15,7 @@ from cxr_automl_plugins.datasets import siim_acr
 from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES, read_boxes
 from cxr_automl.data.records import Problems
 from cxr_automl.testing.contracts import DatasetContract
-from cxr_files import SHARED, flat_png, make_nih, write_dicom, write_png
+from cxr_files import SHARED, flat_png, make_nih, train_once, write_dicom, write_png
 
 LABELS = SHARED / "labels"
 
@@ -265,6 +265,10 @@ def test_siim_rle_masks_roundtrip(siim_root, tmp_path):
         assert bool(items[image_id]["masks"].any()) == positive
     frac = items[single]["masks"].float().mean().item()
     assert frac == pytest.approx(mask.mean(), abs=0.01)  # same area after resizing
+    assert len(list((tmp_path / "cache" / "siim_acr").glob("*.masks.npy"))) == 1  # masks decoded once, like images
+    direct = build("siim_acr", tmp_path, root=str(siim_root), image_size=64, augment=False, cache=False)
+    for i in range(len(direct.test)):  # the mask cache holds exactly what decoding on the fly gives
+        assert torch.equal(direct.test[i]["masks"], items[direct.test[i]["image_id"]]["masks"])
 
 
 def test_siim_rle_that_does_not_fit(siim_root, tmp_path):
@@ -317,3 +321,13 @@ def test_chexpert_valid_csv_is_the_official_test_split(chexpert_root, tmp_path):
     assert not patients_of(d.train) & patients_of(d.val)
     d2 = build("chexpert", tmp_path, root=str(root), image_size=32, valid_as="val")
     assert len(d2.val) == frontal_valid and len(d2.test) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nih_cxr14", "chexpert", "vindr_cxr", "siim_acr"])
+def test_train_runs_on_each_layout(name, request, tmp_path):
+    root = request.getfixturevalue({"nih_cxr14": "nih_root", "chexpert": "chexpert_root",
+                                    "vindr_cxr": "vindr_root", "siim_acr": "siim_root"}[name])
+    extra = ["dataset.uncertain=ignore"] if name == "chexpert" else []
+    metrics = train_once([f"dataset={name}", f"dataset.root={root}", *extra], tmp_path / "run")
+    assert metrics["epochs_run"] == 1 and (tmp_path / "run" / "predictions.csv").is_file()

@@ -124,3 +124,52 @@ def _build(paths: list[str], geometry: Geometry, npy: Path, meta: Path, workers:
                                     "seconds": round(time.perf_counter() - t0, 2)}))
     os.replace(tmp_meta, meta)  # last: the .json is the "complete" marker readers trust
     log.info("%s: image cache built in %.1f s (%d unreadable)", dataset, time.perf_counter() - t0, len(failed))
+
+
+def _fingerprint(obj: object, h: "hashlib._Hash") -> None:
+    """Feed what a record's mask is made of into a hash: arrays by content, mask files by stat."""
+    if isinstance(obj, np.ndarray):
+        h.update(str(obj.shape).encode() + obj.tobytes())
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for o in obj:
+            _fingerprint(o, h)
+        h.update(b"]")
+    elif isinstance(obj, str) and os.path.isfile(obj):
+        h.update(json.dumps(_stat(obj)).encode())
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def build_or_load_masks(images: ImageCache, records: list, valid: set[int], mask_fn: Callable, geometry: Geometry,
+                        channels: int, workers: int = 0) -> np.ndarray:
+    """Masks resized like their images, bit-packed: (N, M, S, ceil(S/8)) uint8, memory-mapped, in the
+    same row order as the image cache. Keyed by the image cache, every record's mask source (RLE
+    content, mask file stats, polygons) and the mask function, so segmentation data is decoded once
+    too. Only rows in ``valid`` are made (the loader has already dropped the others per ``on_error``);
+    the rest stay empty."""
+    h = hashlib.sha256(images.path.stem.encode())
+    h.update(f"{type(mask_fn).__module__}.{type(mask_fn).__qualname__}".encode())
+    _fingerprint(sorted((k, v) for k, v in vars(mask_fn).items() if isinstance(v, (int, float, str, bool))), h)
+    _fingerprint([r.mask for r in records], h)
+    path = images.path.with_name(f"{images.path.stem}-{h.hexdigest()[:12]}.masks.npy")
+    s, n = geometry.size, len(records)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, channels, s, (s + 7) // 8))
+
+            def work(i: int) -> None:
+                if i in valid:
+                    w, hgt = (int(v) for v in images.sizes[i])
+                    out[i] = np.packbits(geometry.mask(mask_fn(records[i], w, hgt)).astype(bool), axis=-1)
+
+            try:
+                with ThreadPoolExecutor(max_workers=max(1, workers or min(8, os.cpu_count() or 1))) as pool:
+                    list(pool.map(work, range(n)))
+                out.flush()
+                out = None  # unmap before publishing
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r")

@@ -9,8 +9,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cxr_automl.data.cache import Decoder, ImageCache, build_or_load
-from cxr_automl.data.images import Geometry, ImageReadError, load_resized
+from cxr_automl.data.cache import Decoder, ImageCache, build_or_load, build_or_load_masks
+from cxr_automl.data.images import Geometry, ImageReadError, load_resized, probe
 from cxr_automl.data.records import SPLITS, DataError, Problems, Record, assign_splits, label_fraction_subset
 from cxr_automl.interfaces import DatasetBundle
 
@@ -26,11 +26,27 @@ class RecordSplit(torch.utils.data.Dataset):
 
     def __init__(self, records: list[Record], rows: list[int], cache: ImageCache | None, geometry: Geometry,
                  split: str, seed: int, augment: bool, has_boxes: bool, mask_fn: MaskFn | None,
-                 decoder: Decoder = load_resized, boxes_normalized: bool = False):
+                 decoder: Decoder = load_resized, boxes_normalized: bool = False, mask_cache: str | None = None):
         self.records, self.rows, self.cache, self.geometry = records, rows, cache, geometry
         self.split, self.seed, self.augment, self.epoch = split, seed, augment, 0
         self.has_boxes, self.mask_fn, self.decoder = has_boxes, mask_fn, decoder
         self.boxes_normalized = boxes_normalized
+        self.mask_cache, self._masks = mask_cache, None  # path of the packed mask cache; mapped lazily
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_masks": None}
+
+    def masks(self, i: int, w: int, h: int) -> np.ndarray:
+        """uint8 (M, S, S): from the mask cache, or made from the record's mask source now."""
+        if self.mask_cache is not None:
+            if self._masks is None:
+                self._masks = np.load(self.mask_cache, mmap_mode="r").view(np.ndarray)
+            return np.unpackbits(self._masks[self.rows[i]], axis=-1, count=self.geometry.size)
+        rec = self.records[i]
+        try:
+            return self.geometry.mask(self.mask_fn(rec, w, h))  # type: ignore[misc]
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{rec.source}: mask of {rec.path} is unusable: {exc}") from exc
 
     def __len__(self) -> int:
         return len(self.records)
@@ -61,10 +77,7 @@ class RecordSplit(torch.utils.data.Dataset):
             boxes = self.geometry.boxes(raw, w, h)
         masks = None
         if self.mask_fn is not None:
-            try:
-                masks = self.geometry.mask(self.mask_fn(rec, w, h))
-            except (ValueError, OSError) as exc:
-                raise DataError(f"{rec.source}: mask of {rec.path} is unusable: {exc}") from exc
+            masks = self.masks(i, w, h)
         if self.augment:
             img, boxes, masks = augment(img, boxes, masks, np.random.default_rng([self.seed, 1000 + self.epoch, i]))
         item["image"] = torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0)
@@ -74,6 +87,19 @@ class RecordSplit(torch.utils.data.Dataset):
         if masks is not None:
             item["masks"] = torch.from_numpy(np.ascontiguousarray(masks))
         return item
+
+
+class _RecordMasks:
+    """Adapts a dataset's mask function to the mask cache, which hashes the records' mask sources
+    (``Record.mask``) and the function's settings."""
+
+    def __init__(self, fn: MaskFn):
+        self.fn = fn
+        self.__dict__.update({k: v for k, v in vars(fn).items() if isinstance(v, (int, float, str, bool))})
+        self.__dict__["fn_name"] = f"{type(fn).__module__}.{type(fn).__qualname__}"
+
+    def __call__(self, rec: Record, width: int, height: int) -> np.ndarray:
+        return self.fn(rec, width, height)
 
 
 def augment(img: np.ndarray, boxes: np.ndarray | None, masks: np.ndarray | None, rng: np.random.Generator
@@ -130,7 +156,7 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
                         "check root and the label file options")
     geometry = Geometry(image_size, fit)
     assign_splits(records, seed, val_fraction)
-    image_cache = None
+    image_cache, mask_path = None, None
     rows = list(range(len(records)))
     if cache:
         image_cache = build_or_load(name, [r.path for r in records], geometry, cache_dir, cache_workers, decoder)
@@ -150,7 +176,19 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
                 continue
             checked.append(i)
         keep = checked
+        if mask_fn is not None:
+            mask_path = str(build_or_load_masks(image_cache, records, set(keep), _RecordMasks(mask_fn), geometry,
+                                                len(structures), cache_workers).filename)
         records, rows = [records[i] for i in keep], keep
+    elif decoder is load_resized:  # no cache: at least read every header now, not mid-epoch
+        readable = []
+        for i in rows:
+            reason = probe(records[i].path)
+            if reason:
+                problems("unreadable", f"{records[i].path} ({records[i].source}): cannot read the image: {reason}")
+            else:
+                readable.append(i)
+        records, rows = [records[i] for i in readable], list(range(len(readable)))
     by_split: dict[str, tuple[list[Record], list[int]]] = {s: ([], []) for s in SPLITS}
     for rec, row in zip(records, rows):
         by_split[rec.split][0].append(rec)  # type: ignore[index]
@@ -166,7 +204,7 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
                             "add data or check the split files")
     report = problems.report()
     splits = {s: RecordSplit(recs, rws, image_cache, geometry, s, seed, augment and s == "train",
-                             has_boxes, mask_fn, decoder, boxes_normalized) for s, (recs, rws) in by_split.items()}
+                             has_boxes, mask_fn, decoder, boxes_normalized, mask_path) for s, (recs, rws) in by_split.items()}
     labels = {s: np.stack([r.labels for r in recs]).astype(np.float32) for s, (recs, _) in by_split.items()}
     for s, lab in labels.items():
         empty = [c for c, col in zip(class_names, lab.T) if not np.nansum(col == 1)]

@@ -136,6 +136,26 @@ class Geometry:
         return canvas
 
 
+def probe(path: str | Path) -> str | None:
+    """Cheap readability check from the file header only (for ``cache=false``, where nothing decodes
+    every file up front): None when it looks like an image, else the reason."""
+    p = Path(path)
+    if not p.is_file():
+        return "file not found"
+    try:
+        if is_dicom(p):
+            import pydicom
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+            if "Rows" not in ds:
+                return "DICOM file without image rows/columns"
+        else:
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - opening parses the header; the size proves it is an image
+    except Exception as exc:  # noqa: BLE001 - any parser failure means the same: not readable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def load_resized(path: str | Path, geometry: Geometry) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode one file and resize it: uint8 (S, S) and the original (W, H)."""
     p = Path(path)

@@ -54,6 +54,21 @@ def test_concurrent_asks_beyond_target_are_handed_back(tmp_path):
     assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"x": 0.25} and waiting[0].user_attrs["baseline"] == "c"
 
 
+def test_a_trial_popped_from_the_queue_after_a_fresh_ask_yields_the_last_slot(tmp_path):
+    storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=60)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({"x": 0.75}, user_attrs={"retry_of": 7})  # trial #0, waiting
+    # worker B's ask raced past the queue and created a new trial (#1), running from now on
+    fresh = optuna.Trial(study, storage.create_new_trial(study._study_id))
+    time.sleep(0.01)
+    popped = study.ask(DIST)  # worker A then popped #0: a lower number, but it started later
+    assert popped.number == 0 and fresh.number == 1
+    assert workers.claim(study, popped, target=1, me="A") is False
+    assert workers.claim(study, fresh, target=1, me="B") is True
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 7
+
+
 def test_journal_heartbeat_fails_a_silent_trial_and_requeues_it_with_its_run_dir(tmp_path):
     storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, study_name="s")

@@ -48,7 +48,8 @@ def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 
 # ---------------------------------------------------------------- slurm: trials/hour, 1 vs 2 workers
-def bench_slurm(n_trials: int) -> None:
+def bench_slurm(n_trials: int, n_train: int) -> None:
+    """Trials big enough (``n_train`` images, 6 epochs) that task start-up (sbatch, importing torch) is amortised."""
     rates = {}
     for workers in (1, 2):
         tmp = Path(tempfile.mkdtemp(prefix=f"scale-slurm{workers}-"))
@@ -56,7 +57,7 @@ def bench_slurm(n_trials: int) -> None:
         start = time.perf_counter()
         cli("search", "-s", "space.yaml", "--study", "s", "-n", str(n_trials), "--launcher", "slurm",
             "--workers", str(workers), "--storage", f"journal:{tmp / 's.log'}", "--pruner", "none",
-            "--sampler", "random", "--slurm.cpus-per-task", "1", *SMALL, "strategy.epochs=4", cwd=tmp)
+            "--sampler", "random", "--slurm.cpus-per-task", "1", *SMALL, f"dataset.n_train={n_train}", "strategy.epochs=6", cwd=tmp)
         hours = (time.perf_counter() - start) / 3600
         rates[workers] = n_trials / hours
         print(f"slurm  {workers} worker(s): {n_trials} trials in {hours * 3600:6.1f} s = {rates[workers]:7.1f} trials/h",
@@ -155,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("slurm", "storage", "pruning"), action="append")
     ap.add_argument("--slurm-trials", type=int, default=6)
+    ap.add_argument("--slurm-train", type=int, default=1024, help="training images per slurm trial")
     ap.add_argument("--storage-seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--prune-trials", type=int, default=16)
@@ -167,7 +169,7 @@ def main() -> None:
     if "pruning" in only:
         bench_pruning(args.prune_trials, args.prune_epochs)
     if "slurm" in only:
-        bench_slurm(args.slurm_trials)
+        bench_slurm(args.slurm_trials, args.slurm_train)
 
 
 if __name__ == "__main__":

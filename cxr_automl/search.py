@@ -225,8 +225,8 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
             trial = adopted
             adopted = None
             if trial is None:
-                opts.n_trials = int(study.user_attrs.get("n_trials", opts.n_trials))
-                status = workers.slots(study, opts.n_trials)
+                opts.n_trials = int(storage_mod.retry(lambda: study.user_attrs, opts.storage).get("n_trials", opts.n_trials))
+                status = storage_mod.retry(lambda: workers.slots(study, opts.n_trials), opts.storage)
                 if status == "done":
                     break
                 if failures_in_a_row >= max(3, opts.n_trials):

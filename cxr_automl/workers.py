@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import warnings
+from datetime import datetime
 
 import optuna
 from optuna.storages import fail_stale_trials
@@ -47,12 +48,19 @@ def slots(study: optuna.Study, target: int) -> str:
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, target: int, me: str) -> bool:
-    """Keep ``trial`` only if it fits under the target; trials are numbered atomically by the storage,
-    so among workers that asked at once the lower numbers win. A surplus trial is failed with a reason
-    and, if it came from the queue (a baseline or a retry), put back in the queue."""
+    """Keep ``trial`` only if it fits under the target. Among workers that asked at once, the trials
+    that started running first win (start time, then number: a trial popped from the queue keeps its
+    old, low number but starts when popped). A surplus trial is failed with a reason and, if it came
+    from the queue (a baseline or a retry), put back in the queue. The tell-time check in
+    search.run_trial backs this up should clocks of different nodes disagree."""
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in FINISHED for t in trials)
-    ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+
+    def order(t):
+        return (t.datetime_start or datetime.max, t.number)
+
+    mine = order(trials[trial.number])
+    ahead = sum(t.state == TrialState.RUNNING and order(t) < mine for t in trials)
     if finished + ahead < target:
         trial.set_user_attr("worker", me)
         if restart_count():

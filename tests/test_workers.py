@@ -54,6 +54,21 @@ def test_concurrent_asks_beyond_target_are_handed_back(tmp_path):
     assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == {"x": 0.25} and waiting[0].user_attrs["baseline"] == "c"
 
 
+def test_a_trial_popped_from_the_queue_after_a_fresh_ask_yields_the_last_slot(tmp_path):
+    storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=60)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({"x": 0.75}, user_attrs={"retry_of": 7})  # trial #0, waiting
+    # worker B's ask raced past the queue and created a new trial (#1), running from now on
+    fresh = optuna.Trial(study, storage.create_new_trial(study._study_id))
+    time.sleep(0.01)
+    popped = study.ask(DIST)  # worker A then popped #0: a lower number, but it started later
+    assert popped.number == 0 and fresh.number == 1
+    assert workers.claim(study, popped, target=1, me="A") is False
+    assert workers.claim(study, fresh, target=1, me="B") is True
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 7
+
+
 def test_journal_heartbeat_fails_a_silent_trial_and_requeues_it_with_its_run_dir(tmp_path):
     storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, study_name="s")
@@ -117,7 +132,7 @@ def postgres_url() -> str:
 def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(postgres_url, in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    args = ["search", "-s", "space.yaml", "--study", name, "-n", "3", "--workers", "2", "--storage", postgres_url,
+    args = ["search", "-s", "space.yaml", "--study", name, "-n", "2", "--workers", "2", "--storage", postgres_url,
             "--pruner", "none", "--heartbeat-interval", "1", "--grace-period", "4", *TINY, "strategy.epochs=8"]
     proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
@@ -138,7 +153,7 @@ def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(pos
     assert proc.returncode == 0, out + err
     assert "some workers died" in err
     study = optuna.load_study(study_name=name, storage=postgres_url)
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 3
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
     assert study.trials[victim.number].state == TrialState.FAIL
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
@@ -147,7 +162,7 @@ def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(pos
     assert epochs == list(range(8))  # resumed from its checkpoint: no epoch ran twice
     status = run_cli("status", "--storage", postgres_url, "--study", name, "--json", cwd=in_tmp)
     row = json.loads(status.stdout)[0]
-    assert row["finished"] == 3 and row["target"] == 3 and row["best"]["value"] == study.best_value
+    assert row["finished"] == 2 and row["target"] == 2 and row["best"]["value"] == study.best_value
 
 
 def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):

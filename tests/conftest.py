@@ -21,6 +21,17 @@ TINY = [
 
 CLI = [sys.executable, "-m", "cxr_automl.cli"]
 
+#: a small search space the multi-worker tests (local, PostgreSQL, SLURM) share
+WORKER_SPACE = """\
+metric: val/macro_auc
+overrides: [strategy=spft]
+params:
+  strategy.unfreeze_k: range(0, 4)
+  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
+baselines:
+  default: {}
+"""
+
 
 @pytest.fixture(scope="session", autouse=True)
 def dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -14,19 +14,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import CLI, TINY, run_cli
+from conftest import CLI, TINY, WORKER_SPACE as SPACE, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = """\
-metric: val/macro_auc
-overrides: [strategy=spft]
-params:
-  strategy.unfreeze_k: range(0, 4)
-  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
-baselines:
-  default: {}
-"""
 
 
 @pytest.fixture(scope="session")

@@ -17,19 +17,10 @@ from optuna.trial import TrialState
 
 from cxr_automl import storage as storage_mod
 from cxr_automl import workers
-from conftest import CLI, TINY, run_cli
+from conftest import CLI, TINY, WORKER_SPACE as SPACE, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("CXR_TEST_POSTGRES_URL", "postgresql://cxr:cxr@127.0.0.1:5432/cxr_test")
-SPACE = """\
-metric: val/macro_auc
-overrides: [strategy=spft]
-params:
-  strategy.unfreeze_k: range(0, 4)
-  strategy.lr_backbone: tag(log, interval(1.0e-4, 1.0e-2))
-baselines:
-  default: {}
-"""
 DIST = {"x": optuna.distributions.FloatDistribution(0, 1)}
 
 

@@ -109,15 +109,17 @@ def augment(img: np.ndarray, boxes: np.ndarray | None, masks: np.ndarray | None,
     s = img.shape[-1]
     img = np.clip((img - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.05, 0.05), 0, 1)
     dy, dx = (int(v) for v in rng.integers(-(s // 16), s // 16 + 1, size=2))
-    img = _shift(img, dy, dx)
+    img = shift(img, dy, dx)
     if masks is not None:
-        masks = _shift(masks, dy, dx)
+        masks = shift(masks, dy, dx)
     if boxes is not None and len(boxes):
         boxes = np.clip(boxes + np.array([dx, dy, dx, dy], np.float32), 0, s)
     return img, boxes, masks
 
 
-def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate the last two axes by (dy, dx) pixels, filling with zeros (augmentation of images,
+    masks alike)."""
     out = np.zeros_like(a)
     h, w = a.shape[-2:]
     out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \

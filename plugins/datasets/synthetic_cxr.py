@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
+from cxr_automl.data.dataset import shift
 from cxr_automl.interfaces import DatasetBundle
 
 GENERATOR_VERSION = 1
@@ -181,7 +182,7 @@ class SyntheticSplit(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, 1000 + self.epoch, i])
             img = np.clip((img - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.05, 0.05), 0, 1)
             dy, dx = (int(v) for v in rng.integers(-4, 5, size=2))
-            img, masks = _shift(img, dy, dx), _shift(masks, dy, dx)
+            img, masks = shift(img, dy, dx), shift(masks, dy, dx)
             boxes = np.clip(boxes + np.array([dx, dy, dx, dy], np.float32), 0, size)
             kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # shifted out of the image
             boxes, cls = boxes[kept], cls[kept]
@@ -190,15 +191,6 @@ class SyntheticSplit(torch.utils.data.Dataset):
                 "image_id": f"synthetic_cxr/{self.split}/{i:06d}",
                 "boxes": torch.from_numpy(boxes), "box_labels": torch.from_numpy(cls),
                 "masks": torch.from_numpy(np.ascontiguousarray(masks))}
-
-
-def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Translate the last two axes, filling with zeros."""
-    out = np.zeros_like(a)
-    h, w = a.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        a[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -109,11 +109,13 @@ def bare_step_factory(head: str, backbone_name: str, size: int, batch: dict, num
         from transformers.models.upernet.modeling_upernet import UperNetHead
 
         from cxr_automl_plugins.heads.upernet import soft_dice_loss
-        dec = UperNetHead(UperNetConfig(hidden_size=width, num_labels=num_classes), in_channels=chans)
+        # the four stage outputs (strides 4-32) our backbones give; features_only also returns the stem's
+        dec = UperNetHead(UperNetConfig(hidden_size=width, num_labels=num_classes), in_channels=chans[-4:])
         masks = batch["masks"].float()
 
         def loss_fn():
-            logits = F.interpolate(dec(net(images)), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(dec(net(images)[-4:]), size=masks.shape[-2:], mode="bilinear",
+                                   align_corners=False)
             return (F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean((0, 2, 3))
                     + soft_dice_loss(logits, masks)).mean()
         modules = [net, dec]

@@ -29,7 +29,8 @@ def check_masks(batch: dict[str, Any], num_classes: int) -> torch.Tensor:
             raise TargetError(f"mask of image {ids[i] if i < len(ids) else i} has shape {tuple(m.shape)}; "
                               f"expected ({num_classes}, {h}, {w}) = (classes, image height, image width)")
     masks = torch.stack(items) if isinstance(masks, list) else masks
-    if masks.dtype.is_floating_point and not torch.isin(masks.unique(), torch.tensor([0.0, 1.0])).all():
+    if masks.dtype.is_floating_point and not torch.isin(masks.unique(),
+                                                        torch.tensor([0.0, 1.0], device=masks.device)).all():
         raise TargetError("masks must hold 0/1 values (got other values); threshold soft masks in the dataset")
     return masks.long()
 
@@ -45,7 +46,9 @@ def check_boxes(batch: dict[str, Any], num_classes: int) -> list[dict[str, torch
     out = []
     for i, (boxes, labels) in enumerate(zip(batch["boxes"], batch["box_labels"])):
         name = ids[i] if i < len(ids) else str(i)
-        boxes, labels = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.as_tensor(labels).long()
+        # on the CPU: a few boxes per image; losses move what they need to their device
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
+        labels = torch.as_tensor(labels).long().cpu()
         if len(boxes) != len(labels):
             raise TargetError(f"image {name}: {len(boxes)} boxes but {len(labels)} box labels")
         if len(boxes):

@@ -143,3 +143,15 @@ def test_cli_yolov8_run_reloads_in_a_fresh_process(in_tmp):
     assert {k: v for k, v in second.items() if k.startswith("test/")} == \
         {k: v for k, v in first.items() if k.startswith("test/")}
     assert isinstance(json.loads((in_tmp / "runs/det/predictions.json").read_text()), list)
+
+
+def test_dino_head_takes_maps_that_do_not_halve_exactly():
+    """RAD-DINO at 518 px gives 74, 37, 19: RT-DETR's fusion needs exact halving, the head resamples."""
+    from cxr_automl.interfaces import BackboneOutput
+    from cxr_automl_plugins.heads.dino import dino
+    head = dino(in_channels=(8, 8, 8), num_classes=3, hidden=16, heads=2, num_queries=10, num_denoising=4,
+                decoder_layers=1, encoder_ffn=32, decoder_ffn=32)
+    feats = BackboneOutput(pooled=torch.zeros(4, 8), input_size=(72, 72),
+                           features=[torch.randn(4, 8, 18, 18), torch.randn(4, 8, 9, 9), torch.randn(4, 8, 5, 5)])
+    loss = head.loss(head(feats), example_batch("detection", size=72))
+    assert torch.isfinite(loss)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
@@ -39,6 +40,13 @@ class LocalizationEncoder(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         projected = [p(m.contiguous()) for p, m in zip(self.input_proj, maps)]
+        # the hybrid encoder fuses levels by exact 2x up/down-sampling; an odd grid (RAD-DINO at 518 px:
+        # 74, 37, 19) is resampled to 2^k times the coarsest map so the levels line up
+        h, w = projected[-1].shape[-2:]
+        n = len(projected)
+        projected = [x if x.shape[-2:] == (h << (n - 1 - i), w << (n - 1 - i)) else
+                     F.interpolate(x, size=(h << (n - 1 - i), w << (n - 1 - i)), mode="bilinear", align_corners=False)
+                     for i, x in enumerate(projected)]
         return list(self.encoder(projected).last_hidden_state)
 
 

@@ -132,8 +132,11 @@ def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> 
         if spec.search_space:
             cmd += ["--search-space", spec.search_space]
         out = open(log_dir / f"worker-{i}.log", "w")
+        # N workers on one machine share its cores: without a limit each would start one intra-op
+        # thread per core and they would only slow each other down
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
         procs.append((subprocess.Popen([*cmd, *spec.overrides], stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, **spec.env}), out))
+                                       env={**threads, **os.environ, **spec.env}), out))
     try:
         _watch(spec.study, spec.storage, target, lambda: any(p.poll() is None for p, _ in procs))
     except KeyboardInterrupt:

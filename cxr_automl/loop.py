@@ -26,7 +26,7 @@ from cxr_automl.evaluators import Evaluator, make_evaluator
 from cxr_automl.model import CXRModel, build_model
 from cxr_automl.trainer_utils import (
     NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, maybe_compile,
-    resolve_device, seed_everything)
+    resolve_device, seed_everything, fit_threads_to_allocation)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class Trainer:
         self.tc = TrainerConfig.from_dict(self.cfg.get("trainer", {}))
         self.device = resolve_device(self.tc.device)
         seed_everything(self.tc.seed, self.tc.deterministic)
+        fit_threads_to_allocation()
         d_cfg = dict(self.cfg["dataset"])
         self.data: DatasetBundle = registry.build("dataset", d_cfg.pop("name"), **d_cfg)
         s_cfg = dict(self.cfg["strategy"])

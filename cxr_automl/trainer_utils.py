@@ -124,6 +124,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def fit_threads_to_allocation() -> None:
+    """Under SLURM, use as many intra-op threads as the task has CPUs, not one per core of the node.
+
+    Called once when a trainer is built. Without it, tasks sharing a node (an array of workers, or
+    other users' jobs) each start a thread per core and slow each other down.
+    """
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and 0 < int(cpus) < torch.get_num_threads():
+        torch.set_num_threads(int(cpus))
+
+
 def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoch: int,
                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-optimizer-step LR factor: linear warmup, then cosine / linear / step decay / constant."""

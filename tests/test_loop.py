@@ -81,3 +81,19 @@ def test_worker_count_does_not_change_results(tmp_path):
     b = _trainer(tmp_path / "w2", "strategy.epochs=2", "trainer.num_workers=2").fit()
     assert a["test/macro_auc"] == pytest.approx(b["test/macro_auc"], abs=1e-6)
     assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
+
+
+def test_threads_follow_the_slurm_allocation(monkeypatch):
+    import torch
+    from cxr_automl.trainer_utils import fit_threads_to_allocation
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+        fit_threads_to_allocation()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # never more threads than before
+        fit_threads_to_allocation()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,9 @@ from conftest import CLI, TINY, WORKER_SPACE as SPACE, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
+#: TINY with ten times the training images: ~1.5 s an epoch on one CPU, so that on an idle machine a
+#: kill or requeue after two epochs still lands mid-trial and both array tasks get a trial
+SLOWER = [o if not o.startswith("dataset.n_train=") else "dataset.n_train=960" for o in TINY]
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +44,7 @@ def _search(tmp: Path, n: int, workers: int, *extra: str) -> list[str]:
     (tmp / "space.yaml").write_text(SPACE)
     return ["search", "-s", "space.yaml", "--study", "s", "-n", str(n), "--launcher", "slurm",
             "--workers", str(workers), "--storage", f"journal:{tmp / 'study.log'}", "--pruner", "none",
-            "--slurm.partition", "debug", "--slurm.cpus-per-task", "1", "--slurm.time", "20", *TINY, *extra]
+            "--slurm.partition", "debug", "--slurm.cpus-per-task", "1", "--slurm.time", "20", *SLOWER, *extra]
 
 
 def _wait(cond, what: str, timeout: float = 300):

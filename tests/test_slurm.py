@@ -80,7 +80,10 @@ def test_array_of_two_workers_reaches_exact_trial_count(slurm_cluster, in_tmp):
     surplus = [t for t in study.trials if t.state == TrialState.FAIL]
     assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in surplus)
     workers = {t.user_attrs["worker"] for t in study.trials if t.state == TrialState.COMPLETE}
-    assert workers <= {f"slurm:{job_id}_0", f"slurm:{job_id}_1"} and len(workers) == 2  # one array, two tasks
+    # one array job; which of its two tasks wins which trial is Slurm's scheduling (on a fresh cluster
+    # the second task has started after the first had taken every trial), so only membership is checked
+    # here and both tasks running to completion is checked through sacct below
+    assert workers and workers <= {f"slurm:{job_id}_0", f"slurm:{job_id}_1"}
     assert len({t.user_attrs["run_dir"] for t in study.trials if t.state == TrialState.COMPLETE}) == 3
     def accounted():  # slurmdbd records the end of a job a moment after its result file exists
         out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,

@@ -32,8 +32,8 @@ Estimate for one H100 (SXM) node — from published figures, NOT measured here:
   * DataLoader workers: on a GPU a training step takes milliseconds, so CPU-side JPEG/PNG decoding
     dominates unless workers (one per allocated CPU, minus one; trainer.num_workers=auto) and the
     preprocessed cache keep the data-wait share near zero.
-On this CPU-only machine bf16 is usually *not* faster (no AMX/bf16 units assumed), which is why the
-figures above are printed, not asserted.
+Whether bf16 pays on a CPU depends on its bf16 support (AVX512-BF16 / AMX); the ratios above are this
+machine's, printed side by side, never asserted.
 """
 
 

@@ -156,7 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("slurm", "storage", "pruning"), action="append")
     ap.add_argument("--slurm-trials", type=int, default=6)
-    ap.add_argument("--slurm-train", type=int, default=1024, help="training images per slurm trial")
+    ap.add_argument("--slurm-train", type=int, default=2048, help="training images per slurm trial")
     ap.add_argument("--storage-seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--prune-trials", type=int, default=16)

@@ -110,11 +110,14 @@ def evaluate(run_dir: str | Path, split: str = "test", cam_threshold: float = 0.
         boxes, cls = item.get("boxes"), item.get("box_labels")
         if boxes is None or not len(boxes):
             continue
+        cams: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # one map per finding, not per box
         for box, c in zip(boxes, cls.tolist()):
             if not 0 <= c < len(names):
                 raise WeakLocError(f"{item['image_id']}: box class {c} is not one of the {len(names)} classes")
-            cam = grad_cam(model, item["image"], int(c))
-            pred = boxes_from_heatmap(cam.numpy(), cam_threshold)
+            if c not in cams:
+                cam = grad_cam(model, item["image"], int(c))
+                cams[c] = (cam, boxes_from_heatmap(cam.numpy(), cam_threshold))
+            cam, pred = cams[c]
             iou = float(box_iou(torch.from_numpy(pred), box[None].float()).max()) if len(pred) else 0.0
             ious.append(iou)
             per_class_ious[names[c]].append(iou)

@@ -260,13 +260,17 @@ class Trainer:
         model.train(was_training)
         return evaluator.compute(split), evaluator
 
-    def test(self) -> dict[str, float]:
-        """Test with the best epoch's evaluated weights; write metrics.json and the predictions file."""
+    def best_model(self) -> nn.Module:
+        """The evaluated model with the best epoch's weights (a copy), or the current one before any."""
         model = self.strategy.eval_model(self.model)
         if self.best_state is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.best_state)
-        test_metrics, evaluator = self.evaluate("test", model)
+        return model
+
+    def test(self) -> dict[str, float]:
+        """Test with the best epoch's evaluated weights; write metrics.json and the predictions file."""
+        test_metrics, evaluator = self.evaluate("test", self.best_model())
         last = {k: float(v) for k, v in self.history[-1].items()} if self.history else {}
         final = {**last, **test_metrics, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
                  f"best/{self.strategy.monitor()}": self.best_score}

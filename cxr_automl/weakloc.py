@@ -8,7 +8,6 @@ IoU >= delta — for delta = 0.1 ... 0.6, plus a few heatmap overlays as PNGs.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +82,7 @@ def load_trained_model(run_dir: Path) -> tuple[torch.nn.Module, Any]:
         raise WeakLocError(f"{run_dir} has no checkpoint (last.ckpt); train it first")
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(state)
-    model = trainer.strategy.eval_model(trainer.model)
-    if trainer.best_state is not None:
-        model = copy.deepcopy(model)
-        model.load_state_dict(trainer.best_state)
+    model = trainer.best_model()
     if getattr(getattr(model, "head", None), "task", None) != "classification" or not hasattr(model, "adapter"):
         raise WeakLocError(f"{run_dir} is not a single-head classification run; weak localization needs one")
     return model.eval(), trainer.data

@@ -14,6 +14,7 @@ from rich.table import Table
 from cxr_automl import launch
 from cxr_automl import search as search_mod
 from cxr_automl import storage as storage_mod
+from cxr_automl import workers
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
@@ -43,10 +44,10 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     stale = set(storage._get_stale_trial_ids(study._study_id)) if hasattr(storage, "_get_stale_trial_ids") else set()
-    live = sorted({t.user_attrs.get("worker", "?") for t in trials
-                   if t.state == TrialState.RUNNING and t._trial_id not in stale})
+    live = workers.live_workers(storage, study, stale)
     out: dict[str, Any] = {"study": name, "target": study.user_attrs.get("n_trials"), "states": counts,
-                           "finished": counts["complete"] + counts["pruned"], "live_workers": live,
+                           "finished": counts["complete"] + counts["pruned"], "live_workers": sorted(live),
+                           "workers": live,
                            "stale_running": len(stale), "metric": study.user_attrs.get("metric")}
     try:
         best = study.best_trial
@@ -74,5 +75,6 @@ def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
         s = r["states"]
         best = "-" if r["best"] is None else f"{r['best']['value']:.4f} (trial {r['best']['number']})"
         table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
-                      str(s["fail"]), str(s["pruned"]), ", ".join(r["live_workers"]) or "-", best)
+                      str(s["fail"]), str(s["pruned"]),
+                      "\n".join(f"{w} ({what})" for w, what in r["workers"].items()) or "-", best)
     Console().print(table)

@@ -217,6 +217,9 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
         study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
         pruner=make_pruner(opts.pruner)), opts.storage)
     me = workers.identity()
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)() or storage_mod.HEARTBEAT_INTERVAL
+    presence = workers.Presence(study, me, interval, getattr(storage, "grace_period", None) or storage_mod.GRACE_PERIOD)
+    presence("starting")
     adopted = workers.adopt_own_trial(study, me)
     failures_in_a_row = 0
     with make_progress() as progress:
@@ -228,16 +231,20 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                 opts.n_trials = int(storage_mod.retry(lambda: study.user_attrs, opts.storage).get("n_trials", opts.n_trials))
                 status = storage_mod.retry(lambda: workers.slots(study, opts.n_trials), opts.storage)
                 if status == "done":
+                    presence("exited")
                     break
                 if failures_in_a_row >= max(3, opts.n_trials):
                     progress.console.print("[red]too many failed trials in a row; stopping[/red]")
+                    presence("exited")
                     break
                 if status == "full":  # the rest are running elsewhere; wait in case one dies
+                    presence("waiting: the remaining trials run elsewhere")
                     time.sleep(poll_seconds)
                     continue
                 trial = storage_mod.retry(lambda: study.ask(fixed_distributions=opts.space.params), opts.storage)
                 if not workers.claim(study, trial, opts.n_trials, me):
                     continue
+            presence(f"trial {trial.number}")
             with workers.Heartbeat(study, trial):
                 try:
                     run_trial(study, trial, opts, progress)

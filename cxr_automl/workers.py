@@ -7,8 +7,10 @@ import logging
 import os
 import socket
 import threading
+import time
 import warnings
 from datetime import datetime
+from typing import Any
 
 import optuna
 from optuna.storages import fail_stale_trials
@@ -96,6 +98,53 @@ def adopt_own_trial(study: optuna.Study, me: str) -> optuna.Trial | None:
     if frozen.user_attrs.get("run_dir"):
         trial.set_user_attr("resume_run_dir", frozen.user_attrs["run_dir"])
     return trial
+
+
+PRESENCE_PREFIX = "worker:"
+
+
+class Presence:
+    """A worker's own record in the study (system attr ``worker:<identity>``): what it is doing and until
+    when it counts as alive, so ``cxr-automl status`` lists idle workers too, not only those running a
+    trial. Written when the state changes and otherwise at most once per heartbeat interval."""
+
+    def __init__(self, study: optuna.Study, me: str, interval: float, grace: float):
+        self.study, self.me, self.interval, self.grace = study, me, interval, grace
+        self.last: tuple[str, float] | None = None
+
+    def __call__(self, state: str) -> None:
+        now = time.time()
+        if self.last is not None and self.last[0] == state and now - self.last[1] < self.interval:
+            return
+        record = {"state": state, "seen": now, "alive_until": now + self.grace, "host": socket.gethostname(),
+                  "pid": os.getpid()}
+        try:
+            self.study._storage.set_study_system_attr(self.study._study_id, PRESENCE_PREFIX + self.me, record)
+            self.last = (state, now)
+        except Exception as exc:  # presence is informative only; never stop a worker over it
+            log.warning("worker presence not recorded: %s", exc)
+
+
+def presences(storage: optuna.storages.BaseStorage, study_id: int) -> dict[str, dict[str, Any]]:
+    """Every worker's last presence record in a study, by identity."""
+    attrs = storage.get_study_system_attrs(study_id)
+    return {k.removeprefix(PRESENCE_PREFIX): v for k, v in attrs.items() if k.startswith(PRESENCE_PREFIX)}
+
+
+def live_workers(storage: optuna.storages.BaseStorage, study: optuna.Study,
+                 stale: set[int]) -> dict[str, str]:
+    """Identity → what it is doing, for every live worker: one beating on a running trial, or one whose
+    own presence record has not expired (waiting for a slot, starting). A worker that said it exited
+    is not listed."""
+    live: dict[str, str] = {}
+    now = time.time()
+    for me, rec in presences(storage, study._study_id).items():
+        if rec.get("state") != "exited" and now <= float(rec.get("alive_until", 0)):
+            live[me] = str(rec.get("state"))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t._trial_id not in stale and t.user_attrs.get("worker"):
+            live[t.user_attrs["worker"]] = f"trial {t.number}"
+    return dict(sorted(live.items()))
 
 
 class Heartbeat:

@@ -77,6 +77,27 @@ def test_journal_heartbeat_fails_a_silent_trial_and_requeues_it_with_its_run_dir
     assert retry[0].user_attrs["resume_run_dir"] == "runs/s/trial_0001" and retry[0].user_attrs["retry_of"] == dead.number
 
 
+def test_status_lists_idle_workers_too_and_forgets_exited_or_silent_ones(tmp_path):
+    from cxr_automl.launch_cli import study_status
+    storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="s")
+    waiter = workers.Presence(study, "node1:11", interval=1, grace=2)
+    waiter("waiting: the remaining trials run elsewhere")
+    busy = study.ask(DIST)
+    busy.set_user_attr("worker", "node2:22")
+    with workers.Heartbeat(study, busy):
+        row = study_status(storage, "s")
+        assert row["workers"] == {"node1:11": "waiting: the remaining trials run elsewhere",
+                                  "node2:22": f"trial {busy.number}"}
+        waiter("exited")
+        assert study_status(storage, "s")["live_workers"] == ["node2:22"]
+        silent = workers.Presence(study, "node3:33", interval=1, grace=2)
+        silent("starting")
+        assert "node3:33" in study_status(storage, "s")["live_workers"]
+        time.sleep(2.5)  # node3 never writes again: its presence expires after the grace period
+        assert study_status(storage, "s")["live_workers"] == ["node2:22"]
+
+
 def test_unreachable_storage_retries_then_one_clear_error(in_tmp, monkeypatch):
     url = "postgresql://cxr:cxr@127.0.0.1:9/nothing_listens_here"
     monkeypatch.setenv("CXR_AUTOML_STORAGE_RETRY_DELAYS", "0.1,0.1")
@@ -154,6 +175,7 @@ def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(pos
     status = run_cli("status", "--storage", postgres_url, "--study", name, "--json", cwd=in_tmp)
     row = json.loads(status.stdout)[0]
     assert row["finished"] == 2 and row["target"] == 2 and row["best"]["value"] == study.best_value
+    assert row["live_workers"] == []  # the survivor said it exited; the killed one's presence expired
 
 
 def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):

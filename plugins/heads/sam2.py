@@ -28,7 +28,9 @@ segmentation classes are structures (heart, lungs, lesions).
 
 **Loss** (per prompted image-class pair, masks compared at the image's resolution): focal loss
 (torchvision's ``sigmoid_focal_loss``) × ``focal_weight`` + soft Dice × ``dice_weight`` — the focal + Dice
-of SPFT's segmentation recipe at SAM's 20:1 ratio — plus SAM2's auxiliary terms: MSE of the predicted
+of SPFT's segmentation recipe, 1:1 by default (SAM trains at 20:1 for far longer; on a short CPU schedule
+20:1 kept every prediction below 0.5 for the first ~50 steps of a one-batch overfit, 1:1 did not) — plus
+SAM2's auxiliary terms: MSE of the predicted
 IoU against the mask's actual IoU (× ``iou_weight``) and BCE of the object score against "mask not empty"
 (× ``obj_weight``).
 """
@@ -197,7 +199,7 @@ def embed_level_sizes(maps: list[torch.Tensor]) -> str:
 
 def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = 2, hidden: int = 256,
          decoder_layers: int = 2, heads: int = 8, mlp_dim: int = 2048, prompt: str = "mask_box",
-         box_jitter: float = 0.1, focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
+         box_jitter: float = 0.1, focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
          obj_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Sam2SegHead:
     """SAM2 prompt encoder + mask decoder, box-prompted (``prompt``: mask_box | image_box; see the module
     docstring for what each reveals at evaluation). ``embed_level``: index of the backbone map used as the

@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import Sam2Config, Sam2Model
 
+from cxr_automl import config
+from cxr_automl.config import ConfigError
 from cxr_automl.interfaces import BackboneOutput, predict
 from cxr_automl.weights import WeightsError
 from cxr_automl_plugins.backbones.hiera import hiera, hiera_tiny
@@ -147,3 +149,10 @@ def test_sam2_maps_that_do_not_halve_and_predict_without_batch_are_errors():
         head(feats)
     with pytest.raises(ValueError, match="box-prompted"):
         head.predict(head(_feats()))
+
+
+def test_sam2_embed_level_beyond_the_backbone_maps_is_a_config_error():
+    config.compose(["head=sam2", "dataset.task=segmentation", "backbone=yolov8_tiny"])  # P3/P4/P5: fine
+    with pytest.raises(ConfigError, match="head 'sam2' needs 4 multi-scale feature maps but backbone "
+                                          "'yolov8_tiny' gives 3"):
+        config.compose(["head=sam2", "dataset.task=segmentation", "backbone=yolov8_tiny", "head.embed_level=3"])

@@ -50,6 +50,7 @@ from cxr_automl.interfaces import BackboneOutput, Head
 from cxr_automl.targets import check_masks
 
 PROMPTS = ("mask_box", "image_box")
+DEFAULT_EMBED_LEVEL = 2
 
 
 def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +78,11 @@ class Sam2SegHead(Head):
     min_feature_maps = 3
     #: ``predict`` needs the batch: the box prompts come from it (see ``cxr_automl.interfaces.predict``)
     prompted = True
+
+    @staticmethod
+    def feature_maps_needed(head_cfg: dict[str, Any]) -> int:
+        """Maps the backbone must give for this config (read by ``cxr_automl.compat`` at compose time)."""
+        return int(head_cfg.get("embed_level", DEFAULT_EMBED_LEVEL)) + 1
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, embed_level: int, hidden: int,
                  decoder_layers: int, heads: int, mlp_dim: int, prompt: str, box_jitter: float,
@@ -197,7 +203,7 @@ def embed_level_sizes(maps: list[torch.Tensor]) -> str:
     return "x".join(str(tuple(m.shape[-2:])) for m in maps)
 
 
-def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = 2, hidden: int = 256,
+def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = DEFAULT_EMBED_LEVEL, hidden: int = 256,
          decoder_layers: int = 2, heads: int = 8, mlp_dim: int = 2048, prompt: str = "mask_box",
          box_jitter: float = 0.1, focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
          obj_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Sam2SegHead:

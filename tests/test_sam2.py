@@ -46,6 +46,8 @@ def test_hiera_offline_without_cache_says_how_to_point_at_a_copy(tmp_path, monke
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     with pytest.raises(WeightsError, match=r"facebook/sam2.1-hiera-tiny.*backbone.weights=PATH"):
         hiera()
+    with pytest.raises(WeightsError, match=r"facebook/sam2.1-hiera-tiny.*head.weights=PATH"):
+        sam2(in_channels=(8, 16, 32), num_classes=2, weights="facebook/sam2.1-hiera-tiny")
 
 
 def test_hiera_maps_strides_and_size_check():
@@ -156,3 +158,17 @@ def test_sam2_embed_level_beyond_the_backbone_maps_is_a_config_error():
     with pytest.raises(ConfigError, match="head 'sam2' needs 4 multi-scale feature maps but backbone "
                                           "'yolov8_tiny' gives 3"):
         config.compose(["head=sam2", "dataset.task=segmentation", "backbone=yolov8_tiny", "head.embed_level=3"])
+
+
+def test_sam2_head_loads_a_sam2_checkpoints_prompt_encoder_and_mask_decoder(tmp_path):
+    torch.manual_seed(0)
+    dec = {"hidden_size": 32, "num_attention_heads": 4, "mlp_dim": 64, "iou_head_hidden_dim": 32}
+    ref = Sam2Model(Sam2Config(vision_config=hiera_tiny().net.config.to_dict(),
+                               prompt_encoder_config={"hidden_size": 32}, mask_decoder_config=dec))
+    ref.save_pretrained(tmp_path / "sam2")
+    head = sam2(in_channels=(8, 16, 32), num_classes=2, hidden=32, heads=4, mlp_dim=64, weights=str(tmp_path / "sam2"))
+    for k, v in ref.mask_decoder.state_dict().items():
+        torch.testing.assert_close(head.mask_decoder.state_dict()[k], v, rtol=0, atol=0)
+    torch.testing.assert_close(head.prompt_encoder.point_embed.weight, ref.prompt_encoder.point_embed.weight)
+    with pytest.raises(WeightsError, match="hidden=32.*set head.hidden=32 head.heads=4 head.mlp_dim=64"):
+        sam2(in_channels=(8, 16, 32), num_classes=2, weights=str(tmp_path / "sam2"))

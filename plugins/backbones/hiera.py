@@ -66,6 +66,13 @@ class HieraBackbone(Backbone):
         return [stem, *layers[:-1], nn.ModuleList([layers[-1], self.net.neck])]
 
 
+def _offline_error(source: str, exc: OSError, key: str) -> WeightsError:
+    return WeightsError(
+        f"cannot load SAM2 weights {source!r} ({str(exc).strip().splitlines()[0]}); offline and not in the "
+        f"Hugging Face cache: download it once (`huggingface-cli download {SAM2_ID}`) or set "
+        f"{key}=PATH to a local copy (a save_pretrained directory or a .safetensors/.pt file)")
+
+
 def _from_pretrained(source: str) -> Sam2VisionModel:
     """A ``Sam2VisionModel`` from a hub id or directory holding either a whole SAM2 (``model_type`` sam2,
     as the released checkpoints are: its ``vision_encoder`` is taken) or a saved vision model."""
@@ -75,11 +82,17 @@ def _from_pretrained(source: str) -> Sam2VisionModel:
             return Sam2Model.from_pretrained(source).vision_encoder
         return Sam2VisionModel.from_pretrained(source)
     except OSError as exc:
-        raise WeightsError(
-            f"cannot load SAM2 weights {source!r} ({str(exc).strip().splitlines()[0]}); offline and not in the "
-            f"Hugging Face cache: download it once (`huggingface-cli download {SAM2_ID}`) or set "
-            "backbone.weights=PATH to a local copy (a save_pretrained directory or a .safetensors/.pt file)"
-        ) from exc
+        raise _offline_error(source, exc, "backbone.weights") from exc
+
+
+def sam2_model(source: str, key: str) -> Sam2Model:
+    """A whole ``Sam2Model`` from a hub id (cache when offline) or a save_pretrained directory; ``key`` is
+    the config key named in the error (e.g. ``head.weights``)."""
+    try:
+        return Sam2Model.from_pretrained(str(Path(source).expanduser()) if Path(source).expanduser().is_dir()
+                                         else source)
+    except OSError as exc:
+        raise _offline_error(source, exc, key) from exc
 
 
 def _build(weights: str | None, strict: bool, config: Sam2VisionConfig) -> Sam2VisionModel:

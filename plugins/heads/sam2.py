@@ -48,6 +48,7 @@ from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder, Sam2PromptEn
 
 from cxr_automl.interfaces import BackboneOutput, Head
 from cxr_automl.targets import check_masks
+from cxr_automl.weights import WeightsError
 
 PROMPTS = ("mask_box", "image_box")
 DEFAULT_EMBED_LEVEL = 2
@@ -206,12 +207,15 @@ def embed_level_sizes(maps: list[torch.Tensor]) -> str:
 def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = DEFAULT_EMBED_LEVEL, hidden: int = 256,
          decoder_layers: int = 2, heads: int = 8, mlp_dim: int = 2048, prompt: str = "mask_box",
          box_jitter: float = 0.1, focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0,
-         obj_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> Sam2SegHead:
+         obj_weight: float = 1.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+         weights: str | None = None) -> Sam2SegHead:
     """SAM2 prompt encoder + mask decoder, box-prompted (``prompt``: mask_box | image_box; see the module
     docstring for what each reveals at evaluation). ``embed_level``: index of the backbone map used as the
     image embedding, the two maps before it being the 4× and 2× high-resolution ones; ``hidden``,
     ``decoder_layers``, ``heads``, ``mlp_dim``: the decoder's size (SAM2's: 256, 2, 8, 2048);
-    ``box_jitter``: training-time box noise as a fraction of the box side."""
+    ``box_jitter``: training-time box noise as a fraction of the box side; ``weights``: a SAM2 checkpoint
+    (HF id from the cache, e.g. facebook/sam2.1-hiera-tiny, or a save_pretrained directory) whose prompt
+    encoder and mask decoder are loaded — the projections and class tokens stay newly initialised."""
     if prompt not in PROMPTS:
         raise ValueError(f"prompt={prompt!r} is not one of {', '.join(PROMPTS)}")
     if not 2 <= embed_level < len(in_channels):
@@ -221,5 +225,22 @@ def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = DEFA
         raise ValueError(f"hidden={hidden} must be a multiple of 8, and hidden/2 a multiple of heads={heads}")
     if not 0 <= box_jitter < 1:
         raise ValueError(f"box_jitter={box_jitter} must be in [0, 1)")
-    return Sam2SegHead(tuple(in_channels), num_classes, embed_level, hidden, decoder_layers, heads, mlp_dim, prompt,
+    ref = None
+    if weights:
+        from cxr_automl_plugins.backbones.hiera import sam2_model
+        ref = sam2_model(weights, "head.weights")
+        dec = ref.config.mask_decoder_config
+        theirs = {"hidden": dec.hidden_size, "decoder_layers": dec.num_hidden_layers, "heads": dec.num_attention_heads,
+                  "mlp_dim": dec.mlp_dim}
+        ours = {"hidden": hidden, "decoder_layers": decoder_layers, "heads": heads, "mlp_dim": mlp_dim}
+        if theirs != ours:
+            raise WeightsError(f"head.weights={weights!r} has a mask decoder of "
+                               f"{', '.join(f'{k}={v}' for k, v in theirs.items())}; set "
+                               f"{' '.join(f'head.{k}={v}' for k, v in theirs.items() if ours[k] != v)}")
+    head = Sam2SegHead(tuple(in_channels), num_classes, embed_level, hidden, decoder_layers, heads, mlp_dim, prompt,
                        box_jitter, focal_weight, dice_weight, iou_weight, obj_weight, focal_alpha, focal_gamma)
+    if ref is not None:  # SAM2's trained prompt encoder (its mask-prompt part dropped) and mask decoder
+        head.prompt_encoder.load_state_dict({k: v for k, v in ref.prompt_encoder.state_dict().items()
+                                             if not k.startswith("mask_embed.")})
+        head.mask_decoder.load_state_dict(ref.mask_decoder.state_dict())
+    return head

@@ -4,8 +4,10 @@ ultralytics' ``parse_model`` builds the layers of its shipped ``yolov8.yaml`` at
 the toy ``tiny``) — no weights are downloaded. The layers are the CSP-Darknet backbone (P1..P5 + SPPF) and,
 with ``neck=true`` (default), YOLOv8's PAN neck: everything of the detector except its ``Detect`` layer.
 ``features`` are P3, P4, P5 (strides 8, 16, 32): the neck's outputs (layers 15, 18, 21 — what YOLOv8's
-``Detect`` reads) or, without the neck, the backbone's (layers 4, 6, 9). So ``yolov8n`` + the ``yolov8``
-head with ``head.width=null`` is YOLOv8n's architecture. ``pooled`` is the global mean of P5.
+``Detect`` reads) or, without the neck, the backbone's (layers 4, 6, 9). ``yolov8n`` + the ``yolov8``
+head with ``head.width=null`` is YOLOv8n's backbone and neck under ultralytics' current ``Detect``, whose
+classification branch is the lighter post-v8 one (ultralytics builds v8's own only with its class-wide
+``Detect.legacy`` flag; for nc=5 that is 2.69 M parameters against 3.01 M). ``pooled`` is the mean of P5.
 
 ``weights``: a local ultralytics checkpoint (``yolov8n.pt`` as ``YOLO`` saves it, read with ultralytics'
 weights-only loader) or a state-dict file; the ``Detect`` layer's keys are dropped.

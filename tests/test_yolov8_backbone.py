@@ -38,7 +38,8 @@ def test_yolov8_weights_errors(tmp_path):
         yolov8_tiny(weights=str(tmp_path / "nope.pt"))
     torch.manual_seed(0)
     torch.save({"model": DetectionModel("yolov8n.yaml", nc=5, verbose=False)}, tmp_path / "n.pt")
-    with pytest.raises(WeightsError, match="does not fit YOLOv8 scale 'tiny'.*size mismatch"):  # a YOLOv8n checkpoint into the tiny scale
+    # a YOLOv8n checkpoint into the tiny scale
+    with pytest.raises(WeightsError, match="does not fit YOLOv8 scale 'tiny'.*size mismatch"):
         yolov8_tiny(weights=str(tmp_path / "n.pt"))
 
 

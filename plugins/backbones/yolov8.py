@@ -77,7 +77,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             ckpt = None
         model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
         if isinstance(model, nn.Module):
-            return {k: v for k, v in model.float().state_dict().items()}
+            return dict(model.float().state_dict())
     return {}
 
 
@@ -122,12 +122,14 @@ def _out_channels(layer: nn.Module) -> int:
     return getattr(layer, "cv2", layer).conv.out_channels
 
 
-def yolov8n(weights: str | None = None, strict: bool = True, neck: bool = True, image_size: int = 640) -> YoloV8Backbone:
+def yolov8n(weights: str | None = None, strict: bool = True, neck: bool = True,
+            image_size: int = 640) -> YoloV8Backbone:
     """YOLOv8n's backbone (+ PAN neck): P3/P4/P5 of 64/128/256 channels; ``weights``: a local .pt."""
     return _build("n", neck, weights, strict, image_size)
 
 
-def yolov8s(weights: str | None = None, strict: bool = True, neck: bool = True, image_size: int = 640) -> YoloV8Backbone:
+def yolov8s(weights: str | None = None, strict: bool = True, neck: bool = True,
+            image_size: int = 640) -> YoloV8Backbone:
     """YOLOv8s's backbone (+ PAN neck): P3/P4/P5 of 128/256/512 channels; ``weights``: a local .pt."""
     return _build("s", neck, weights, strict, image_size)
 

@@ -2,8 +2,8 @@
 
 Table: one full fine-tuning step (forward, task loss, backward, AdamW step) at batch 2 on synthetic CXRs
 at each backbone's own resolution (``--size paper``: ResNet-50 and Swin-B 224 px, RAD-DINO 518 px;
-``--size tiny``: the ``*_tiny`` variants at 64 px). Each pair runs in its own process so its peak
-resident memory (VmHWM, reset after building) is its own.
+SAM2's Hiera 1024 px, YOLOv8n 640 px; ``--size tiny``: the ``*_tiny`` variants at 64 px). Each pair runs
+in its own process so its peak resident memory (VmHWM, reset after building) is its own.
 
 Overhead: our YOLOv8 and UperNet paths (``CXRModel`` + head + strategy loss, what ``cxr-automl train``
 runs per step) against the bare libraries doing the same step: timm's ``features_only`` model of the
@@ -25,9 +25,11 @@ import time
 
 import torch
 
-PAPER = {"resnet50": [], "swin_b": [], "rad_dino": ["backbone.weights=null"]}
-TINY = {"resnet_tiny": ["backbone.width=8", "backbone.image_size=64"], "swin_tiny": [], "rad_dino_tiny": []}
-HEADS = ["linear", "mlp", "upernet", "yolov8", "dino"]
+PAPER = {"resnet50": [], "swin_b": [], "rad_dino": ["backbone.weights=null"],
+         "hiera": ["backbone.weights=null"], "yolov8n": []}  # SAM2's Hiera at 1024 px, YOLOv8n at 640 px
+TINY = {"resnet_tiny": ["backbone.width=8", "backbone.image_size=64"], "swin_tiny": [], "rad_dino_tiny": [],
+        "hiera_tiny": [], "yolov8_tiny": []}
+HEADS = ["linear", "mlp", "upernet", "yolov8", "dino", "sam2"]
 #: at 64 px the tiny backbones' last three maps have 84 positions: fewer DETR queries than that
 TINY_HEADS = {"dino": ["head.num_queries=30"]}
 

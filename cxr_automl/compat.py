@@ -1,7 +1,8 @@
 """Which backbone × head × dataset-task combinations make sense, decided before anything is built.
 
 Read from the classes the factories declare they return (their return annotation): a head class says
-its ``task`` and how many multi-scale maps it needs (``min_feature_maps``); a backbone class says how many
+its ``task`` and how many multi-scale maps it needs (``min_feature_maps``, or a static
+``feature_maps_needed(head_cfg)`` when that depends on its config); a backbone class says how many
 maps it gives (``num_feature_maps``). A third-party plugin without these declarations is assumed compatible
 and is checked when the model is built.
 """
@@ -46,6 +47,9 @@ def check(backbone: str, head: str, head_cfg: dict[str, Any] | None = None) -> C
     levels = (head_cfg or {}).get("levels", _default(head, "levels"))
     if isinstance(levels, int):
         need = max(need, levels)  # a detection head on the backbone's last `levels` maps
+    needed = getattr(h_cls, "feature_maps_needed", None)
+    if callable(needed):  # a head whose need depends on its config (sam2's embed_level)
+        need = max(need, int(needed(head_cfg or {})))
     have = getattr(b_cls, "num_feature_maps", None) if b_cls is not None else None
     if have is not None and need > have:
         return Combination(backbone, head, task, False,

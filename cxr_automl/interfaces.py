@@ -98,6 +98,9 @@ class Head(nn.Module, abc.ABC):
     task: str = "classification"
     #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
     min_feature_maps: int = 0
+    #: True for heads prompted from the batch (``sam2``: boxes from the masks): ``predict`` then also
+    #: receives the batch — call it through ``interfaces.predict`` so both kinds get what they need
+    prompted: bool = False
 
     @abc.abstractmethod
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
@@ -112,8 +115,14 @@ class Head(nn.Module, abc.ABC):
     def predict(self, outputs: torch.Tensor) -> Any:
         """What the task's evaluator scores, called on evaluation batches: class probabilities (N, C);
         mask probabilities (N, C, h, w) at any resolution; or per image a dict of ``boxes`` (K, 4) xyxy
-        normalised to [0, 1], ``scores`` and ``labels``."""
+        normalised to [0, 1], ``scores`` and ``labels``. A ``prompted`` head's ``predict`` takes a second
+        argument, the batch (on the CPU), from which it builds its prompts."""
         return torch.sigmoid(outputs.float())
+
+
+def predict(head: Head, outputs: Any, batch: dict[str, Any]) -> Any:
+    """``head.predict`` as every evaluation calls it: with the batch for a ``prompted`` head."""
+    return head.predict(outputs, batch) if getattr(head, "prompted", False) else head.predict(outputs)
 
 
 # ----------------------------------------------------------------------------------------------- datasets

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cxr_automl import registry
-from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy, predict
 from cxr_automl.evaluators import Evaluator, make_evaluator
 from cxr_automl.model import CXRModel, build_model
 from cxr_automl.trainer_utils import (
@@ -256,7 +256,7 @@ class Trainer:
             images = batch["image"].to(self.device)
             with autocast_context(self.device, self.tc.precision):
                 out = model(images)
-            evaluator.update(to_cpu(model.head.predict(out)), batch)
+            evaluator.update(to_cpu(predict(model.head, out, batch)), batch)
         model.train(was_training)
         return evaluator.compute(split), evaluator
 

@@ -13,7 +13,8 @@ def _built_in(kind):
 
 
 #: full-size backbones run offline at random init and, where the architecture allows, a smaller input
-FULL_SIZE = {"rad_dino": ["backbone.weights=null", "backbone.image_size=224"], "swin_b": []}
+FULL_SIZE = {"rad_dino": ["backbone.weights=null", "backbone.image_size=224"], "swin_b": [],
+             "hiera": ["backbone.weights=null", "backbone.image_size=224"]}
 
 
 def _backbone_params():

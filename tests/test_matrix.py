@@ -11,11 +11,12 @@ from cxr_automl import compat, config, registry
 from cxr_automl.callbacks import Checkpointer
 from cxr_automl.checkpoint import load_latest
 from cxr_automl.evaluators import primary_metric
+from cxr_automl.interfaces import predict
 from cxr_automl.loop import Trainer, collate
 
 #: small sizes for each component; the architectures are the production ones
 SMALL = {"resnet_tiny": ["backbone.width=8"], "mlp": ["head.hidden=16"], "upernet": ["head.hidden=16"],
-         "yolov8": ["head.width=16"],
+         "yolov8": ["head.width=16"], "sam2": ["head.hidden=32", "head.heads=4", "head.mlp_dim=64"],
          "dino": ["head.hidden=32", "head.heads=4", "head.num_queries=20", "head.num_denoising=10",
                   "head.decoder_layers=2", "head.encoder_ffn=64", "head.decoder_ffn=64"]}
 
@@ -64,9 +65,10 @@ def test_pair_trains_evaluates_and_reloads(backbone, head, tmp_path):
 
     fresh = Trainer(cfg, tmp_path)
     fresh.load_state_dict(load_latest(tmp_path))
-    images = collate([trainer.data.test[i] for i in range(2)])["image"]
+    batch = collate([trainer.data.test[i] for i in range(2)])
+    images = batch["image"]
     trainer.model.eval(), fresh.model.eval()
     with torch.no_grad():
         a, b = trainer.model(images), fresh.model(images)
         _same(a, b)
-        _same(trainer.model.head.predict(a), fresh.model.head.predict(b))
+        _same(predict(trainer.model.head, a, batch), predict(fresh.model.head, b, batch))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy
+from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy, predict
 
 
 class BackboneContract:
@@ -73,7 +73,7 @@ class HeadContract:
     def test_predict_is_probability(self, head: Head, batch: dict) -> None:
         head.eval()
         with torch.no_grad():
-            pred = head.predict(head(self._feats()))
+            pred = predict(head, head(self._feats()), batch)
         if head.task == "detection":  # per image: boxes xyxy in [0, 1], scores in [0, 1], class ids
             assert len(pred) == 4
             for p in pred:

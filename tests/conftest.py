@@ -47,6 +47,18 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def same_backbone_outputs(a, b, size: int) -> None:
+    """Two backbones give identical pooled embeddings and maps on the same random batch."""
+    import torch
+    a.eval(), b.eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        oa, ob = a(x), b(x)
+    torch.testing.assert_close(oa.pooled, ob.pooled)
+    for fa, fb in zip(oa.features, ob.features, strict=True):
+        torch.testing.assert_close(fa, fb)
+
+
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600,
             check: bool = True) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}

@@ -8,16 +8,7 @@ import torch
 from cxr_automl.weights import WeightsError
 from cxr_automl_plugins.backbones.rad_dino import rad_dino, rad_dino_tiny
 from cxr_automl_plugins.backbones.swin import swin_tiny
-
-
-def _same_outputs(a, b, size: int) -> None:
-    a.eval(), b.eval()
-    x = torch.rand(2, 3, size, size)
-    with torch.no_grad():
-        oa, ob = a(x), b(x)
-    torch.testing.assert_close(oa.pooled, ob.pooled)
-    for fa, fb in zip(oa.features, ob.features):
-        torch.testing.assert_close(fa, fb)
+from conftest import same_backbone_outputs
 
 
 def test_swin_loads_an_ark_style_checkpoint(tmp_path, caplog):
@@ -30,7 +21,7 @@ def test_swin_loads_an_ark_style_checkpoint(tmp_path, caplog):
     torch.save({"teacher": state, "epoch": 3}, tmp_path / "ark.pth.tar")
     torch.manual_seed(1)
     loaded = swin_tiny(weights=str(tmp_path / "ark.pth.tar"), strict=True)
-    _same_outputs(src, loaded, 64)
+    same_backbone_outputs(src, loaded, 64)
 
 
 def test_swin_strict_reports_unexpected_keys(tmp_path, caplog):
@@ -56,11 +47,11 @@ def test_rad_dino_loads_save_pretrained_dir_and_state_dict_file(tmp_path):
     src.net.save_pretrained(tmp_path / "rad-dino-local")
     # the production factory with weights=DIR loads whatever architecture the directory describes
     from_dir = rad_dino(weights=str(tmp_path / "rad-dino-local"), image_size=64)
-    _same_outputs(src, from_dir, 64)
+    same_backbone_outputs(src, from_dir, 64)
     assert from_dir.input_spec.mean == (0.5307,) * 3 and from_dir.input_spec.std == (0.2583,) * 3
     torch.save({"model": src.net.state_dict()}, tmp_path / "w.pt")
     from_file = rad_dino_tiny(weights=str(tmp_path / "w.pt"), strict=True)
-    _same_outputs(src, from_file, 64)
+    same_backbone_outputs(src, from_file, 64)
 
 
 def test_rad_dino_offline_without_cache_says_how_to_point_at_a_copy(tmp_path, monkeypatch):

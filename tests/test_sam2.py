@@ -12,33 +12,24 @@ from cxr_automl.interfaces import BackboneOutput, predict
 from cxr_automl.weights import WeightsError
 from cxr_automl_plugins.backbones.hiera import hiera, hiera_tiny
 from cxr_automl_plugins.heads.sam2 import mask_boxes, sam2
-
-
-def _same_outputs(a, b, size: int) -> None:
-    a.eval(), b.eval()
-    x = torch.rand(2, 3, size, size)
-    with torch.no_grad():
-        oa, ob = a(x), b(x)
-    torch.testing.assert_close(oa.pooled, ob.pooled)
-    for fa, fb in zip(oa.features, ob.features, strict=True):
-        torch.testing.assert_close(fa, fb)
+from conftest import same_backbone_outputs
 
 
 def test_hiera_loads_vision_model_dir_whole_sam2_dir_and_state_dict_file(tmp_path):
     torch.manual_seed(0)
     src = hiera_tiny()
     src.net.save_pretrained(tmp_path / "vision")
-    _same_outputs(src, hiera(weights=str(tmp_path / "vision"), image_size=64), 64)
+    same_backbone_outputs(src, hiera(weights=str(tmp_path / "vision"), image_size=64), 64)
     # the released checkpoints are whole SAM2 models (model_type "sam2"): the encoder is taken from them
     whole = Sam2Model(Sam2Config(vision_config=src.net.config.to_dict()))
     whole.vision_encoder.load_state_dict(src.net.state_dict())
     whole.save_pretrained(tmp_path / "sam2")
-    _same_outputs(src, hiera(weights=str(tmp_path / "sam2"), image_size=64), 64)
+    same_backbone_outputs(src, hiera(weights=str(tmp_path / "sam2"), image_size=64), 64)
     torch.save({"model": src.net.state_dict()}, tmp_path / "w.pt")
-    _same_outputs(src, hiera_tiny(weights=str(tmp_path / "w.pt"), strict=True), 64)
+    same_backbone_outputs(src, hiera_tiny(weights=str(tmp_path / "w.pt"), strict=True), 64)
     # a whole SAM2 state dict: the vision_encoder. prefix is stripped, the decoder's keys are left over
     torch.save(whole.state_dict(), tmp_path / "whole.pt")
-    _same_outputs(src, hiera_tiny(weights=str(tmp_path / "whole.pt")), 64)
+    same_backbone_outputs(src, hiera_tiny(weights=str(tmp_path / "whole.pt")), 64)
 
 
 def test_hiera_offline_without_cache_says_how_to_point_at_a_copy(tmp_path, monkeypatch):

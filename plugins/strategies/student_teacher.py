@@ -46,7 +46,7 @@ class Teacher(nn.Module):
             for key, s_val in student.state_dict().items():
                 t_val = t_state[key]
                 if t_val.is_floating_point():
-                    t_val.mul_(momentum).add_(s_val.detach().to(t_val.dtype), alpha=1 - momentum)
+                    t_val.mul_(momentum).add_(s_val.detach().to(t_val.device, t_val.dtype), alpha=1 - momentum)
                 else:
                     t_val.copy_(s_val)
 

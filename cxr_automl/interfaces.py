@@ -170,6 +170,8 @@ class Evaluation:
     predict: Callable[["nn.Module", torch.Tensor], Any]
     #: called before the part runs, e.g. to move the part's head onto the device
     place: Callable[["nn.Module"], None] | None = None
+    #: the columns of the items' ``labels`` that are this part's classes (None: all of them)
+    label_columns: Sequence[int] | None = None
 
 
 class Strategy(abc.ABC):

@@ -272,7 +272,7 @@ class Trainer:
                     part.place(model)
                 evaluator = evaluator_for(part.task, part.class_names)
                 self._run_evaluation(torch.utils.data.Subset(dataset, list(part.indices)), evaluator,
-                                     part.predict, model)
+                                     part.predict, model, part.label_columns)
                 metrics.update(evaluator.compute(f"{split}/{part.prefix}"))
                 done.append((part.prefix, evaluator))
             evaluator = PartsWriter(done)
@@ -286,11 +286,13 @@ class Trainer:
             return model.head.predict(out)
 
     def _run_evaluation(self, dataset: torch.utils.data.Dataset, evaluator: Evaluator, predict: Any,
-                        model: nn.Module) -> None:
+                        model: nn.Module, label_columns: Sequence[int] | None = None) -> None:
         loader = DataLoader(dataset, batch_size=self.tc.eval_batch_size, shuffle=False, collate_fn=collate,
                             **self.tc.loader_kwargs())
         for batch in loader:
             images = batch["image"].to(self.device)
+            if label_columns is not None:
+                batch["labels"] = batch["labels"][:, list(label_columns)]
             with autocast_context(self.device, self.tc.precision):
                 out = predict(model, images)
             evaluator.update(to_cpu(out), batch)

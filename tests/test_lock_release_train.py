@@ -118,6 +118,14 @@ def test_a_classification_batch_trains_only_its_dataset_and_the_student_backbone
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
 
 
+def test_each_classification_head_is_scored_on_its_own_datasets_columns(trainer):
+    trainer.strategy.plan(1, trainer.model)  # after a Release epoch
+    metrics, _ = trainer.evaluate("val")
+    for ds in ("a", "b"):
+        assert {f"val/{ds}/cls/auc/nodule", f"val/{ds}/cls/macro_auc"} <= set(metrics)
+    assert metrics["val/objective"] == pytest.approx((metrics["val/a/cls/macro_auc"] + metrics["val/b/cls/macro_auc"]) / 2)
+
+
 def test_dense_rows_train_exactly_their_components(dense):
     model, s = dense.model, dense.strategy
     heads = model.head

@@ -336,7 +336,8 @@ class LockRelease(Strategy):
             return []
         return [Evaluation(prefix=f"{ds}/{task}", indices=range(*self.members[ds][split]), task=EVAL_TASK[task],
                            class_names=self.classes[ds][task], predict=functools.partial(self._predict, ds, task),
-                           place=functools.partial(self._place_for, ds, task))
+                           place=functools.partial(self._place_for, ds, task),
+                           label_columns=self.members[ds]["columns"] if task == "cls" else None)
                 for ds, task in self.pairs()]
 
     def _place_for(self, ds: str, task: str, model: nn.Module) -> None:

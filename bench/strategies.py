@@ -4,9 +4,9 @@
    vs one supervised fine-tuning step on the same backbone and batch; the share spent drawing views.
    lock_release: one classification step with the student-teacher on vs off (the teacher's extra forward).
 2. lock_release, the issue's target: peak memory with 6 localization decoders vs 1 (target <= 1.2x, thanks
-   to keeping inactive decoders off the accelerator) and wall time per cycle. Each arm runs one full
-   cycle (Lock + Release per dataset, evaluation after each Release) in its own process, so no arm
-   inherits another's allocations:
+   to keeping inactive decoders off the accelerator) and wall time per cycle. Each arm runs two
+   cycles (Lock + Release per dataset, evaluation after each Release; the time is the second cycle's)
+   in its own process, so no arm inherits another's allocations:
      - on CUDA: torch.cuda.max_memory_allocated over the whole run (setup included);
      - always: the process's peak resident set size (RSS) — on a CPU-only machine the model lives in
        RAM whatever the placement, so RSS counts every decoder: offloading has nothing to move there;
@@ -92,11 +92,16 @@ def state_bytes(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimiz
     return total
 
 
-class ResidentMeter(Callback):
-    """After the first step of every epoch: bytes of model state on the training device."""
+class ArmMeter(Callback):
+    """After the first step of every epoch: bytes of model state on the training device; and when
+    each epoch ended (validation included), for the wall time of a cycle."""
 
     def __init__(self) -> None:
         self.peak, self._measured = 0, -1
+        self.ended: list[float] = []
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.ended.append(time.perf_counter())
 
     def on_batch_end(self, trainer: Trainer, loss: float) -> None:
         if self._measured == trainer.epoch:
@@ -121,21 +126,24 @@ class ResidentMeter(Callback):
 
 
 def memory_arm(args: argparse.Namespace, n_decoders: int, offload: bool) -> dict:
-    """One arm, in this process: a full cycle of lock_release on ``n_decoders`` localization datasets."""
+    """One arm, in this process: two cycles of lock_release on ``n_decoders`` localization datasets;
+    the wall time is the second cycle's (first-call costs — lazy imports, allocator warm-up — land in
+    the first), memory is the peak over both."""
     import resource
     with tempfile.TemporaryDirectory() as tmp:
-        meter = ResidentMeter()
+        meter = ArmMeter()
         trainer = Trainer(config.compose([*common_overrides(args), "strategy=lock_release",
                                           f"strategy.datasets={organ_sets(n_decoders)}",
-                                          f"strategy.offload={str(offload).lower()}"]), tmp, callbacks=[meter])
+                                          f"strategy.offload={str(offload).lower()}", "strategy.cycles=2"]),
+                          tmp, callbacks=[meter])
         cuda = trainer.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
         trainer.fit()
-        wall = time.perf_counter() - t0
+        per_cycle = trainer.strategy.epochs // 2
+        wall = meter.ended[-1] - meter.ended[per_cycle - 1]
         params = sum(p.numel() for p in trainer.model.parameters())
-        return {"decoders": n_decoders, "offload": offload, "device": trainer.device.type, "epochs": trainer.epoch,
+        return {"decoders": n_decoders, "offload": offload, "device": trainer.device.type, "epochs": per_cycle,
                 "cycle_s": wall, "per_dataset_s": wall / n_decoders, "params": params,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "resident_state_mib": meter.peak / 2**20,
@@ -154,10 +162,10 @@ def lock_release_memory(args: argparse.Namespace) -> None:
     arms = [run_arm_process(args, n, off) for n, off in ((1, True), (6, True), (6, False))]
     one, six, six_all = arms
     device = one["device"]
-    print(f"lock_release, one cycle per arm, each arm in its own process (device: {device})")
+    print(f"lock_release, two cycles per arm (time: the second), each arm in its own process (device: {device})")
     for a in arms:
         cuda = f"   CUDA peak {a['cuda_peak_mib']:8.1f} MiB" if a["cuda_peak_mib"] is not None else ""
-        print(f"  {a['decoders']} decoder(s), offload {'on ' if a['offload'] else 'off'}: {a['epochs']:2d} epochs, "
+        print(f"  {a['decoders']} decoder(s), offload {'on ' if a['offload'] else 'off'}: {a['epochs']:2d} epochs per cycle, "
               f"{a['cycle_s']:7.1f} s per cycle ({a['per_dataset_s']:5.1f} s per dataset), "
               f"{a['params'] / 1e6:6.2f} M params, peak RSS {a['peak_rss_mib']:8.1f} MiB, "
               f"device-resident state {a['resident_state_mib']:7.2f} MiB{cuda}")
@@ -197,8 +205,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: "N,OFFLOAD" in a child process
     args = ap.parse_args()
     if args.quick:
-        args.repeats, args.width, args.batch, args.size, args.expander_dim = 1, 8, 8, 64, 64
-        args.n_per_dataset, args.n_eval = 16, 8
+        args.repeats, args.width, args.batch, args.size, args.expander_dim = 1, 8, 4, 64, 64
+        args.n_per_dataset, args.n_eval = 8, 4
     args.passthrough = [f"--backbone={args.backbone}", f"--width={args.width}", f"--batch={args.batch}",
                         f"--size={args.size}", f"--n-per-dataset={args.n_per_dataset}", f"--n-eval={args.n_eval}"]
     return args

@@ -99,11 +99,15 @@ class ArmMeter(Callback):
     def __init__(self) -> None:
         self.peak, self._measured = 0, -1
         self.ended: list[float] = []
+        self.evaluating: list[float] = []  # per epoch: from the last training batch to the epoch's end
+        self._last_batch = 0.0
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.ended.append(time.perf_counter())
+        self.evaluating.append(self.ended[-1] - self._last_batch)
 
     def on_batch_end(self, trainer: Trainer, loss: float) -> None:
+        self._last_batch = time.perf_counter()
         if self._measured == trainer.epoch:
             return
         self._measured = trainer.epoch
@@ -145,6 +149,7 @@ def memory_arm(args: argparse.Namespace, n_decoders: int, offload: bool) -> dict
         params = sum(p.numel() for p in trainer.model.parameters())
         return {"decoders": n_decoders, "offload": offload, "device": trainer.device.type, "epochs": per_cycle,
                 "cycle_s": wall, "per_dataset_s": wall / n_decoders, "params": params,
+                "eval_share": sum(meter.evaluating[per_cycle:]) / wall,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "resident_state_mib": meter.peak / 2**20,
                 "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
@@ -166,12 +171,15 @@ def lock_release_memory(args: argparse.Namespace) -> None:
     for a in arms:
         cuda = f"   CUDA peak {a['cuda_peak_mib']:8.1f} MiB" if a["cuda_peak_mib"] is not None else ""
         print(f"  {a['decoders']} decoder(s), offload {'on ' if a['offload'] else 'off'}: {a['epochs']:2d} epochs per cycle, "
-              f"{a['cycle_s']:7.1f} s per cycle ({a['per_dataset_s']:5.1f} s per dataset), "
+              f"{a['cycle_s']:7.1f} s per cycle ({a['per_dataset_s']:5.1f} s per dataset, "
+              f"{a['eval_share']:.0%} evaluating), "
               f"{a['params'] / 1e6:6.2f} M params, peak RSS {a['peak_rss_mib']:8.1f} MiB, "
               f"device-resident state {a['resident_state_mib']:7.2f} MiB{cuda}")
     ratio = six["resident_state_mib"] / one["resident_state_mib"]
     print(f"  6 vs 1 decoders, device-resident state: {ratio:.2f}x with offloading (target <= 1.2x), "
           f"{six_all['resident_state_mib'] / one['resident_state_mib']:.2f}x without")
+    print("  (every Release epoch evaluates every dataset's task, as Table 8 does, so evaluation per cycle grows "
+          "with the square of the number of datasets)")
     if six["cuda_peak_mib"] is not None:
         print(f"  6 vs 1 decoders, CUDA peak: {six['cuda_peak_mib'] / one['cuda_peak_mib']:.2f}x with offloading, "
               f"{six_all['cuda_peak_mib'] / one['cuda_peak_mib']:.2f}x without")

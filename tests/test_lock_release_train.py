@@ -272,6 +272,23 @@ def test_lr_schedule_counts_a_lock_epoch_as_a_full_epoch(trainer):
 
 
 @pytest.mark.slow
+def test_one_dataset_with_all_three_tasks_trains_and_is_scored_per_task(tmp_path):
+    """Algorithm 1's order on a dataset with classification labels, finding boxes and organ masks."""
+    trainer = Trainer(config.compose([*TINY, "strategy=lock_release", "strategy.order=by_dataset",
+                                      "dataset.n_train=32", "dataset.n_val=16", "dataset.n_test=16",
+                                      "strategy.datasets=[{name: c, tasks: [cls, loc, seg]}]"]), tmp_path)
+    s = trainer.strategy
+    assert ["c/" + n for n in s.classes["c"]["loc"]] == trainer.data.class_names and len(s.classes["c"]["seg"]) == 4
+    assert [(r.task, r.mode) for r in s.rows] == [("cls", "release"), ("loc", "lock"), ("loc", "release"),
+                                                  ("seg", "lock"), ("seg", "release")]
+    metrics = trainer.fit()
+    assert [("val/objective" in m) for m in trainer.history] == [True, False, True, False, True]
+    heads = [metrics[f"test/c/{t}/{k}"] for t, k in (("cls", "macro_auc"), ("loc", "map_40"), ("seg", "mean_dice"))]
+    assert metrics["test/objective"] == pytest.approx(sum(heads) / 3)
+    assert (tmp_path / "c" / "cls" / "predictions.csv").exists() and (tmp_path / "c" / "loc" / "coco_gt.json").exists()
+
+
+@pytest.mark.slow
 def test_table_8_default_trains_end_to_end(in_tmp):
     run_cli("train", *TINY, *TABLE_8, "run_dir=runs/fx", cwd=in_tmp)
     run = in_tmp / "runs" / "fx"

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cxr_automl import registry
-from cxr_automl.interfaces import BackboneOutput, Head
+from cxr_automl.interfaces import BackboneOutput, DatasetBundle, Head
 from cxr_automl_plugins.heads.dino import DinoDetHead
 from cxr_automl_plugins.heads.upernet import UperNetSegHead, mask_loss
 
@@ -87,6 +87,19 @@ class FoundationHeads(Head):
 
     def seg_maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
         return [m.contiguous() for m in feats.features]
+
+
+def class_names(bundle: DatasetBundle, task: str, where: str) -> list[str]:
+    """The classes of one (dataset, task): labels for cls, box classes for loc, mask structures for seg."""
+    if task == "seg":
+        names = bundle.extras.get("structures") or (bundle.class_names if bundle.task == "segmentation" else None)
+        if not names:
+            raise ValueError(f"{where} has task seg but its dataset gives no masks (extras['structures'])")
+        return list(names)
+    if task == "loc" and bundle.task == "segmentation":
+        raise ValueError(f"{where} has task loc but its dataset is configured for segmentation; "
+                         "use its classification or detection task (boxes index those classes)")
+    return list(bundle.class_names)
 
 
 def build_heads(template: Head, backbone: nn.Module, classes: dict[str, dict[str, list[str]]],

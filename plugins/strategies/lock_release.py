@@ -31,7 +31,8 @@ from torch import nn
 from cxr_automl import registry
 from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
 from cxr_automl_plugins.datasets.multi import compose, select_structure
-from cxr_automl_plugins.strategies.foundation_parts import Placement, build_heads, component, resident
+from cxr_automl_plugins.strategies.foundation_parts import (
+    Placement, build_heads, class_names, component, resident)
 from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
 
 TASKS = ("cls", "loc", "seg")
@@ -152,19 +153,6 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
 HEADLINE = {"cls": "macro_auc", "loc": "map_40", "seg": "mean_dice"}
 EVAL_TASK = {"cls": "classification", "loc": "detection", "seg": "segmentation"}
 OBJECTIVES = ("mean", "min")
-
-
-def class_names(bundle: DatasetBundle, task: str, where: str) -> list[str]:
-    """The classes of one (dataset, task): labels for cls, box classes for loc, mask structures for seg."""
-    if task == "seg":
-        names = bundle.extras.get("structures") or (bundle.class_names if bundle.task == "segmentation" else None)
-        if not names:
-            raise ValueError(f"{where} has task seg but its dataset gives no masks (extras['structures'])")
-        return list(names)
-    if task == "loc" and bundle.task == "segmentation":
-        raise ValueError(f"{where} has task loc but its dataset is configured for segmentation; "
-                         "use its classification or detection task (boxes index those classes)")
-    return list(bundle.class_names)
 
 
 class LockRelease(Strategy):

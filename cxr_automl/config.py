@@ -99,6 +99,7 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
     for text in overrides:
         key = text.split("=", 1)[0]
         group, _, param = key.partition(".")
+        param = param.split(".")[0]  # strategy.loc_head.hidden=64: the factory's option is loc_head
         if group in GROUPS and param and not key.startswith(("+", "~")):
             name = selection[group] or defaults[group]
             factory = registry.load(group, name)

@@ -198,10 +198,31 @@ def _xywh(box: list[float]) -> list[float]:
     return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
 
 
+EVALUATORS = {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator,
+              "detection": DetectionEvaluator}
+
+
+def evaluator_for(task: str, class_names: list[str]) -> Evaluator:
+    """A fresh evaluator of ``task`` over ``class_names``."""
+    if task not in EVALUATORS:
+        raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(EVALUATORS)}")
+    return EVALUATORS[task](class_names)
+
+
 def make_evaluator(task: str, data: DatasetBundle) -> Evaluator:
     """The evaluator for a head's task; the loop calls this once per evaluation."""
-    evaluators = {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator,
-                  "detection": DetectionEvaluator}
-    if task not in evaluators:
-        raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(evaluators)}")
-    return evaluators[task](data.class_names)
+    return evaluator_for(task, data.class_names)
+
+
+class PartsWriter:
+    """The evaluators of a strategy's evaluation parts (``Strategy.evaluations``); on the test split
+    each writes its per-image file into ``run_dir/<prefix>/``."""
+
+    def __init__(self, parts: list[tuple[str, Evaluator]]):
+        self.parts = parts
+
+    def write(self, run_dir: Path) -> None:
+        for prefix, evaluator in self.parts:
+            out = Path(run_dir) / prefix
+            out.mkdir(parents=True, exist_ok=True)
+            evaluator.write(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -165,6 +165,24 @@ class EpochPlan:
     trainable: list[nn.Module]
 
 
+@dataclass
+class Evaluation:
+    """One part of a strategy's own evaluation (``Strategy.evaluations``): a task scored on some items
+    of a split, with its own class names; metrics are named ``<split>/<prefix>/<metric>`` and the
+    test split's per-image file is written under ``run_dir/<prefix>/``."""
+
+    prefix: str
+    indices: Sequence[int]  # items of the split this part scores
+    task: str  # classification | detection | segmentation (picks the evaluator)
+    class_names: list[str]
+    #: (model, images) -> what the task's evaluator scores (as ``Head.predict`` returns), under no_grad
+    predict: Callable[["nn.Module", torch.Tensor], Any]
+    #: called before the part runs, e.g. to move the part's head onto the device
+    place: Callable[["nn.Module"], None] | None = None
+    #: the columns of the items' ``labels`` that are this part's classes (None: all of them)
+    label_columns: Sequence[int] | None = None
+
+
 class Strategy(abc.ABC):
     """How to adapt: what trains when, which loss, what to evaluate with. The core owns the loop.
 
@@ -172,6 +190,7 @@ class Strategy(abc.ABC):
 
         prepare_data(data)                       once, before the model is built (default: data as is)
         setup(model, data)                       once, before the optimizer is built
+        to_device(model, device)                 once, after setup (default model.to(device))
         param_groups(model)                      once: the optimizer's parameter groups
         optimizer(groups)                        once: the optimizer over them (default AdamW)
         for epoch in range(epochs):
@@ -180,6 +199,8 @@ class Strategy(abc.ABC):
             for batch: outputs = forward(model, images, batch)   (default model(images))
                        loss(model, outputs, batch)  then after_step(model) after every optimizer step
             eval_model(model)                    the module evaluated on validation
+            evaluations(model, "val")            its parts (default None: the head's task on the split)
+            summarize("val", metrics)            aggregate metrics added after every evaluation
             after_epoch(epoch, val_metrics)      returns True to stop early
         export(model, run_dir)                   once after the last epoch, before the test
         state_dict() / load_state_dict()         saved in / restored from every checkpoint
@@ -195,6 +216,11 @@ class Strategy(abc.ABC):
 
     def setup(self, model: "nn.Module", data: DatasetBundle) -> None:
         """Called once before training, e.g. to derive class weights from the training labels."""
+
+    def to_device(self, model: "nn.Module", device: torch.device) -> None:
+        """Called once after ``setup``: put the model on the run's device. A strategy that keeps parts
+        of the model off the accelerator (Foundation X's inactive heads) places them itself."""
+        model.to(device)
 
     @abc.abstractmethod
     def param_groups(self, model: "nn.Module") -> list[dict[str, Any]]:
@@ -240,6 +266,17 @@ class Strategy(abc.ABC):
     def eval_model(self, model: "nn.Module") -> "nn.Module":
         """The module used for validation/test (e.g. the EMA copy). Called before each evaluation."""
         return model
+
+    def evaluations(self, model: "nn.Module", split: str) -> list[Evaluation] | None:
+        """Called before every evaluation (validation after each epoch, test at the end): the parts to
+        score, e.g. every (dataset, task) of a multi-task model. ``None`` (default): the model's head on
+        the whole split. An empty list skips the evaluation (no metrics that epoch)."""
+        return None
+
+    def summarize(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
+        """Called after every evaluation with its metrics: extra metrics to add (e.g. the aggregate
+        that ``monitor`` names)."""
+        return {}
 
     def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
         """Called after each validation. Return True to stop training (early stopping)."""

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from cxr_automl import registry
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy, predict
-from cxr_automl.evaluators import Evaluator, make_evaluator
+from cxr_automl.evaluators import Evaluator, PartsWriter, evaluator_for, make_evaluator
 from cxr_automl.model import CXRModel, build_model
 from cxr_automl.trainer_utils import (
     NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, maybe_compile,
@@ -137,7 +137,7 @@ class Trainer:
         self.data = self.strategy.prepare_data(self.data)  # e.g. several datasets composed into one
         self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
         self.strategy.setup(self.model, self.data)
-        self.model.to(self.device)
+        self.strategy.to_device(self.model, self.device)  # default model.to(device); may keep parts off it
         if self.tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.tc.compile:
@@ -149,6 +149,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
         self.best_state: dict[str, torch.Tensor] | None = None
+        self._epoch_first_step, self._epoch_steps = 0, self.steps_per_epoch  # set by each train_epoch
         self._train_loader: DataLoader | None = None
 
     # ------------------------------------------------------------------------------------------ loop
@@ -197,9 +198,11 @@ class Trainer:
         loader = self.train_loader()
         k = self.tc.accumulate
         num_batches = (len(loader) // k) * k
+        self._epoch_steps = num_batches // k  # optimizer steps this epoch (fewer on a partial epoch)
         for cb in self.callbacks:
             cb.on_epoch_start(self, plan, num_batches)
         total, seen, wait, t0 = 0.0, 0, 0.0, time.perf_counter()
+        self._epoch_first_step = self.step
         t_fetch = time.perf_counter()
         for i, batch in enumerate(loader):
             if i >= num_batches:
@@ -231,6 +234,9 @@ class Trainer:
                 "train/lr": self.optimizer.param_groups[0]["lr"]}
 
     def optimizer_step(self) -> None:
+        """One optimizer step; the LR schedule then moves to this step's place *within the epoch*, so
+        every epoch advances it by one full epoch even when ``train_indices`` visits part of the data
+        (a Lock epoch on half a dataset): the schedule counts epochs, not images."""
         if self.tc.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -238,9 +244,13 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        done = self.step - self._epoch_first_step  # steps taken this epoch
+        n = max(1, self._epoch_steps)
+        # == self.step when every epoch has steps_per_epoch steps (train_indices None)
+        self.scheduler.last_epoch = self.epoch * self.steps_per_epoch + round(done * self.steps_per_epoch / n) - 1
         self.scheduler.step()
         self.strategy.after_step(self.model)
-        self.step += 1
 
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -249,16 +259,43 @@ class Trainer:
         model = model or self.strategy.eval_model(self.model)
         was_training = model.training
         model.eval()
-        loader = DataLoader(getattr(self.data, split), batch_size=self.tc.eval_batch_size, shuffle=False,
-                            collate_fn=collate, **self.tc.loader_kwargs())
-        evaluator = make_evaluator(model.head.task, self.data)
+        parts = self.strategy.evaluations(model, split)
+        dataset = getattr(self.data, split)
+        if parts is None:  # the model's head on the whole split
+            evaluator = make_evaluator(model.head.task, self.data)
+            self._run_evaluation(dataset, evaluator, self._head_predict, model)
+            metrics = evaluator.compute(split)
+        else:  # the strategy's parts, e.g. every (dataset, task) of a multi-task model
+            metrics, done = {}, []
+            for part in parts:
+                if part.place is not None:
+                    part.place(model)
+                evaluator = evaluator_for(part.task, part.class_names)
+                self._run_evaluation(torch.utils.data.Subset(dataset, list(part.indices)), evaluator,
+                                     lambda m, x, _batch, part=part: part.predict(m, x), model, part.label_columns)
+                metrics.update(evaluator.compute(f"{split}/{part.prefix}"))
+                done.append((part.prefix, evaluator))
+            evaluator = PartsWriter(done)
+        metrics.update(self.strategy.summarize(split, metrics))
+        model.train(was_training)
+        return metrics, evaluator
+
+    def _head_predict(self, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> Any:
+        out = model(images)
+        with torch.autocast(self.device.type, enabled=False):  # predict outside autocast
+            return predict(model.head, out, batch)
+
+    def _run_evaluation(self, dataset: torch.utils.data.Dataset, evaluator: Evaluator, predict: Any,
+                        model: nn.Module, label_columns: Sequence[int] | None = None) -> None:
+        loader = DataLoader(dataset, batch_size=self.tc.eval_batch_size, shuffle=False, collate_fn=collate,
+                            **self.tc.loader_kwargs())
         for batch in loader:
             images = batch["image"].to(self.device)
+            if label_columns is not None:
+                batch["labels"] = batch["labels"][:, list(label_columns)]
             with autocast_context(self.device, self.tc.precision):
-                out = model(images)
-            evaluator.update(to_cpu(predict(model.head, out, batch)), batch)
-        model.train(was_training)
-        return evaluator.compute(split), evaluator
+                out = predict(model, images, batch)
+            evaluator.update(to_cpu(out), batch)
 
     def best_model(self) -> nn.Module:
         """The evaluated model with the best epoch's weights (a copy), or the current one before any."""

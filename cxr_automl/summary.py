@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import TYPE_CHECKING
 
 import optuna
@@ -62,7 +63,8 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     out.write_text(json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
                                "best_trial": best.number, "best_value": best.value, "best_params": best.params,
                                "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
-                               "reproduce": "cxr-automl train " + " ".join(overrides)}, indent=2))
+                               "reproduce": "cxr-automl train " + shlex.join(overrides)}, indent=2))
+    # plain text: overrides such as tasks: [loc] are not rich markup, and quoted so they paste into a shell
     console.print(f"best run: {run_dir}\nstudy:    {opts.storage} (study {study.study_name}); "
                   f"view with: cxr-automl dashboard --storage {opts.storage}\nsummary:  {out}\n"
-                  f"reproduce: cxr-automl train {' '.join(overrides)}")
+                  f"reproduce: cxr-automl train {shlex.join(overrides)}", markup=False)

@@ -46,6 +46,46 @@ class ConcatSplit(torch.utils.data.Dataset):
         return item
 
 
+class StructureSplit(torch.utils.data.Dataset):
+    """One split seen as one anatomical structure: its mask (1, H, W), the box around it (class 0,
+    none when the mask is empty) and the label "structure present"."""
+
+    def __init__(self, split: torch.utils.data.Dataset, index: int):
+        self.split, self.index = split, index
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.split, "set_epoch"):
+            self.split.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.split[i])
+        mask = item["masks"][self.index:self.index + 1]
+        ys, xs = torch.nonzero(mask[0], as_tuple=True)
+        present = len(xs) > 0
+        box = [[float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]] if present else []
+        item.update(masks=mask, boxes=torch.tensor(box, dtype=torch.float32).reshape(-1, 4),
+                    box_labels=torch.zeros(len(box), dtype=torch.int64),
+                    labels=torch.tensor([float(present)]))
+        return item
+
+
+def select_structure(bundle: DatasetBundle, structure: str, where: str = "structure") -> DatasetBundle:
+    """``bundle`` as a one-structure dataset (Foundation X's Table 8 treats heart, left lung and right
+    lung as separate datasets): masks, boxes and labels of ``structure`` only."""
+    names = list(bundle.extras.get("structures") or [])
+    if structure not in names:
+        raise ValueError(f"{where}={structure!r}: the dataset's masks are "
+                         f"{', '.join(names) if names else 'absent (it has no structures)'}")
+    k = names.index(structure)
+    splits = {s: StructureSplit(getattr(bundle, s), k) for s in SPLITS}
+    return DatasetBundle(train=splits["train"], val=splits["val"], test=splits["test"], class_names=[structure],
+                         task=bundle.task, channels=bundle.channels,
+                         extras={"structures": [structure], "source_structures": names})
+
+
 def compose(members: dict[str, DatasetBundle]) -> DatasetBundle:
     """One bundle over ``members`` (name → bundle); all must give classification labels, the same
     number of channels and the same image size (one batch mixes nothing, but one model sees all)."""

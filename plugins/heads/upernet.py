@@ -25,6 +25,20 @@ def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) 
     return 1 - (2 * inter + eps) / (probs.sum(dims) + masks.sum(dims) + eps)
 
 
+def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, bce_weight: float,
+              dice_weight: float, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """bce_weight·BCE + dice_weight·soft Dice per class, logits upsampled to the masks, mean over classes
+    (also the loss of lock_release's per-dataset segmentation heads)."""
+    masks = check_masks(batch, num_classes).to(outputs.device, torch.float32)
+    logits = F.interpolate(outputs.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(0, 2, 3))
+    dice = soft_dice_loss(logits, masks)
+    per_class = bce_weight * bce + dice_weight * dice
+    if class_weights is not None:
+        per_class = per_class * class_weights.to(per_class)
+    return per_class.mean()
+
+
 class UperNetSegHead(Head):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
@@ -45,14 +59,7 @@ class UperNetSegHead(Head):
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
              class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        masks = check_masks(batch, self.num_classes).to(outputs.device, torch.float32)
-        logits = F.interpolate(outputs.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(0, 2, 3))
-        dice = soft_dice_loss(logits, masks)
-        per_class = self.bce_weight * bce + self.dice_weight * dice
-        if class_weights is not None:
-            per_class = per_class * class_weights.to(per_class)
-        return per_class.mean()
+        return mask_loss(outputs, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(outputs.float())

@@ -6,10 +6,11 @@ segmentation decoder) frozen and only the dataset's own head/decoder training, t
 epoch on all of it with the task's whole path training (Algorithm 1, Table 8 of the supplement).
 
 Training follows the schedule in the one loop: ``prepare_data`` composes the datasets
-(``datasets/multi.py``), ``plan`` unfreezes the row's path, ``train_indices`` picks the row's dataset
-(a random half in Lock epochs), ``forward``/``loss`` add the student-teacher consistency and
-``after_epoch`` updates the EMA teacher. Classification trains now; localization and segmentation
-rows wait for their heads.
+(``datasets/multi.py``), ``setup`` builds the task parts (``foundation_parts.py``), ``plan`` unfreezes
+the row's path and keeps every other head off the accelerator, ``train_indices`` picks the row's
+dataset (a random half in Lock epochs), ``forward``/``loss`` add the student-teacher consistency,
+``after_epoch`` updates the EMA teacher, and ``evaluations`` scores every (dataset, task) after each
+Release epoch; ``monitor`` is the configured aggregate of them (``objective``).
 
 ``schedule(...)`` is a pure function: the same configuration always gives the same rows, no model
 or data is built, so ``cxr-automl plan`` can print it and the trainable strategy can follow it epoch
@@ -19,7 +20,8 @@ by epoch. Component names: ``backbone``, ``loc_encoder``, ``seg_decoder`` (share
 
 from __future__ import annotations
 
-import copy
+import functools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,8 +29,10 @@ import torch
 from torch import nn
 
 from cxr_automl import registry
-from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Head, Strategy
-from cxr_automl_plugins.datasets.multi import compose
+from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
+from cxr_automl_plugins.datasets.multi import compose, select_structure
+from cxr_automl_plugins.strategies.foundation_parts import (
+    Placement, build_heads, class_names, component, resident)
 from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
 
 TASKS = ("cls", "loc", "seg")
@@ -145,93 +149,99 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
     return rows
 
 
-def resized_head(template: Head, num_classes: int) -> Head:
-    """A copy of ``template`` whose last Linear layer outputs ``num_classes`` (a per-dataset head of
-    the configured kind: ``linear`` is Foundation X's, ``mlp`` gets its own hidden layers too)."""
-    head = copy.deepcopy(template)
-    linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"lock_release needs a head ending in a Linear layer; {type(template).__name__} has none")
-    name, last = linears[-1]
-    parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
-    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
-    return head
-
-
-class DatasetHeads(Head):
-    """One classification head per dataset; logits are concatenated into the union label columns
-    (``multi.compose``), so the usual masked BCE trains a head only on its own dataset's images."""
-
-    task = "classification"
-
-    def __init__(self, template: Head, members: dict[str, dict[str, Any]]):
-        super().__init__()
-        self.heads = nn.ModuleDict({name: resized_head(template, len(m["columns"])) for name, m in members.items()})
-
-    def forward(self, feats: BackboneOutput) -> torch.Tensor:
-        return torch.cat([h(feats) for h in self.heads.values()], dim=1)
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
-             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return next(iter(self.heads.values())).loss(outputs, batch, class_weights)
+#: the headline metric of each task (Table 7: AUC, mAP@0.40, Dice) and the evaluator that computes it
+HEADLINE = {"cls": "macro_auc", "loc": "map_40", "seg": "mean_dice"}
+EVAL_TASK = {"cls": "classification", "loc": "detection", "seg": "segmentation"}
+OBJECTIVES = ("mean", "min")
 
 
 class LockRelease(Strategy):
-    """Follows ``schedule`` epoch by epoch. Classification across datasets trains now; localization
-    and segmentation rows need their heads, so ``prepare_data`` refuses them with a clear message."""
+    """Follows ``schedule`` epoch by epoch over classification, localization and segmentation."""
 
     def __init__(self, rows: list[ScheduleRow], datasets: list[dict[str, Any]], teacher: bool, momentum: float,
-                 consistency: float, consistency_kind: str, lr_backbone: float, lr_head: float,
-                 weight_decay: float, seed: int):
+                 consistency: float, consistency_kind: str, lrs: dict[str, float], weight_decay: float,
+                 objective: str, loc_head: dict[str, Any], seg_head: dict[str, Any], offload: bool, seed: int):
         self.rows, self.datasets = rows, datasets
         self.epochs = len(rows)
         self.teacher, self.momentum, self.consistency, self.consistency_kind = \
             teacher, momentum, consistency, consistency_kind
-        self.lr_backbone, self.lr_head, self.weight_decay, self.seed = lr_backbone, lr_head, weight_decay, seed
+        self.lrs, self.weight_decay, self.seed = lrs, weight_decay, seed
+        self.objective, self.loc_head, self.seg_head, self.offload = objective, loc_head, seg_head, offload
         self.members: dict[str, dict[str, Any]] | None = None
+        self.classes: dict[str, dict[str, list[str]]] = {}
         self.model: nn.Module | None = None
+        self.placement = Placement(torch.device("cpu"))
+        self._epoch = 0
 
     def schedule(self) -> list[ScheduleRow]:
         return list(self.rows)
 
+    # ------------------------------------------------------------------------------------------ build
     def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
         """Compose the datasets: an entry with ``dataset: {name: PLUGIN, ...}`` builds that dataset,
-        one without it uses the run's dataset."""
-        dense = sorted({d["name"] for d in self.datasets if set(d["tasks"]) - {"cls"}})
-        if dense:
-            raise ValueError(f"lock_release trains classification only in this build; datasets {', '.join(dense)} "
-                             "have loc/seg tasks, which need the localization/segmentation heads "
-                             "(`cxr-automl plan` shows their schedule)")
+        one without it uses the run's dataset; ``structure`` makes it that one structure's dataset
+        (its mask, the box around it)."""
         bundles = {}
-        for d in self.datasets:
+        for i, d in enumerate(self.datasets):
+            where = f"strategy.datasets[{i}]"
             node = dict(d.get("dataset") or {})
-            bundles[d["name"]] = registry.build("dataset", node.pop("name"), **node) if node else data
+            bundle = registry.build("dataset", node.pop("name"), **node) if node else data
+            if d.get("structure"):
+                bundle = select_structure(bundle, str(d["structure"]), where=f"{where}.structure")
+            self.classes[d["name"]] = {t: class_names(bundle, t, where) for t in d["tasks"]}
+            bundles[d["name"]] = bundle
         composed = compose(bundles)
         self.members = composed.extras["members"]
         return composed
 
     def setup(self, model: nn.Module, data: DatasetBundle) -> None:
-        """Per-dataset heads of the configured kind replace the single head; the teacher starts as an
-        exact copy of the backbone (``model.teacher``)."""
+        """The configured head becomes the template of the per-dataset classification heads; the
+        localization and segmentation parts are cut from ``loc_head`` (dino) / ``seg_head`` (upernet);
+        the teacher starts as an exact copy of the backbone and the shared task parts."""
         if self.members is None:
             raise ValueError("lock_release: prepare_data() must run before setup()")
-        model.head = DatasetHeads(model.head, self.members)
+        model.head = build_heads(model.head, model.backbone, self.classes, self.loc_head, self.seg_head)
         if self.teacher:
-            model.teacher = Teacher({"backbone": model.backbone})
+            shared = {"backbone": model.backbone, "loc_encoder": model.head.loc_encoder,
+                      "seg_decoder": model.head.seg_decoder}
+            model.teacher = Teacher({k: m for k, m in shared.items() if m is not None})
         self.model = model
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        return [{"params": list(model.backbone.parameters()), "lr": self.lr_backbone, "name": "backbone",
-                 "weight_decay": self.weight_decay},
-                {"params": list(model.head.parameters()), "lr": self.lr_head, "name": "heads",
-                 "weight_decay": self.weight_decay}]
+    def to_device(self, model: nn.Module, device: torch.device) -> None:
+        """Backbone (student and teacher) on the device; every head/decoder on the CPU until an epoch
+        or an evaluation needs it (``offload=false``: everything on the device)."""
+        self.placement = Placement(device, offload=None if self.offload else device)
+        model.to(self.placement.offload)
+        for m in (model.adapter, model.backbone, *([model.teacher.copies["backbone"]] if self.teacher else [])):
+            m.to(device)
+        self.placement.apply(model, set())
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        heads = model.head
+        groups = {"backbone": [model.backbone], "cls": [heads.cls_heads],
+                  "loc": [m for m in (heads.loc_encoder, heads.loc_decoders) if m is not None],
+                  "seg": [m for m in (heads.seg_decoder, heads.seg_heads) if m is not None]}
+        out = []
+        for name, modules in groups.items():
+            params = [p for m in modules for p in m.parameters()]
+            if params:
+                out.append({"params": params, "lr": self.lrs[name], "name": name, "weight_decay": self.weight_decay})
+        return out
+
+    def optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(param_groups)
+        self.placement.optimizer = opt  # offloaded parts take their optimizer state with them
+        return opt
+
+    # ------------------------------------------------------------------------------------------ train
     def plan(self, epoch: int, model: nn.Module) -> EpochPlan:
+        """Exactly the row's trainable components train; the row's path is on the device, the rest
+        of the heads off it."""
         row = self.rows[epoch]
-        trainable = [model.head.heads[row.dataset]]
-        if row.components.get("backbone"):
-            trainable.append(model.backbone)
-        return EpochPlan(phase=f"{row.mode} {row.dataset}/{row.task}", trainable=trainable)
+        self._epoch = epoch
+        self.placement.apply(model, resident(row.components, self.teacher))
+        return EpochPlan(phase=f"{row.mode} {row.dataset}/{row.task}",
+                         trainable=[component(model, c) for c in row.trainable])
 
     def train_indices(self, epoch: int, n: int) -> list[int]:
         """The row's dataset; in a Lock epoch a random ``lock_fraction`` of it, seeded by (seed, epoch)."""
@@ -244,41 +254,142 @@ class LockRelease(Strategy):
         keep = torch.randperm(count, generator=gen)[:max(1, round(row.fraction * count))]
         return sorted(start + int(i) for i in keep)
 
-    def forward(self, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _task_path(self, model: nn.Module, task: str, ds: str, feats: BackboneOutput, teacher_x=None):
+        """(prediction, backbone embeddings, task encoder/decoder embeddings) of one task; with
+        ``teacher_x`` the teacher's embeddings of the same input instead (no prediction)."""
+        heads = model.head
+        if teacher_x is not None:
+            feats = model.teacher("backbone", teacher_x)
+        if task == "cls":
+            pred = None if teacher_x is not None else heads.cls_heads[ds](feats)
+            return pred, [feats.pooled], []
+        maps = heads.loc_maps(feats) if task == "loc" else heads.seg_maps(feats)
+        shared = "loc_encoder" if task == "loc" else "seg_decoder"
+        if teacher_x is not None:
+            out = model.teacher(shared, maps)
+            return None, maps, out if task == "loc" else [out]
+        if task == "loc":
+            memory = heads.loc_encoder(maps)
+            return {"memory": memory}, maps, memory
+        fused = heads.seg_decoder(maps)
+        return heads.seg_heads[ds](fused), maps, [fused]
+
+    def forward(self, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+        row = self.rows[self._epoch]
+        shared = SHARED[row.task]
+        if shared:  # a frozen shared part keeps its BatchNorm statistics in a Lock epoch
+            component(model, shared).train(row.components[shared])
         x = model.adapter(images)
         feats = model.backbone(x)
-        out = {"logits": model.head(feats), "student": feats.pooled}
+        feats.input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        pred, emb, task_emb = self._task_path(model, row.task, row.dataset, feats)
+        out = {"pred": pred, "student": emb, "task_student": task_emb}
         if self.teacher:
-            out["teacher"] = model.teacher("backbone", x).pooled
+            _, out["teacher"], out["task_teacher"] = self._task_path(model, row.task, row.dataset, feats, x)
         return out
 
-    def loss(self, model: nn.Module, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
-        task = model.head.loss(outputs["logits"], batch)
+    def loss(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        """(1−c)·task + c·(consistency of backbone embeddings + of the task encoder/decoder outputs)."""
+        row, heads = self.rows[self._epoch], model.head
+        if row.task == "cls":
+            cols = self.members[row.dataset]["columns"]
+            task = heads.cls_heads[row.dataset].loss(outputs["pred"], {**batch, "labels": batch["labels"][:, cols]})
+        elif row.task == "loc":
+            task = heads.loc_decoders[row.dataset].loss(outputs["pred"], batch)
+        else:
+            task = heads.seg_heads[row.dataset].loss(outputs["pred"], batch)
         if not self.teacher:
             return task
-        return mix(task, consistency_loss(outputs["student"], outputs["teacher"], self.consistency_kind),
-                   self.consistency)
+        terms = [torch.stack([consistency_loss(s, t, self.consistency_kind)
+                              for s, t in zip(outputs[f"{p}student"], outputs[f"{p}teacher"])]).mean()
+                 for p in ("", "task_") if outputs[f"{p}student"]]
+        return mix(task, sum(terms), self.consistency)
 
     def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
-        """The teacher's epoch-wise EMA update (the run's state, so it is checkpointed with the model)."""
+        """The teacher's epoch-wise EMA update of every shared part (the run's state, so it is
+        checkpointed with the model)."""
         if self.teacher and self.rows[epoch].teacher_update and self.model is not None:
-            self.model.teacher.update({"backbone": self.model.backbone}, self.momentum)
+            self.model.teacher.update({n: component(self.model, n) for n in self.model.teacher.copies},
+                                      self.momentum)
         return False
+
+    # ------------------------------------------------------------------------------------------ evaluate
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(d["name"], t) for d in self.datasets for t in d["tasks"]]
+
+    def evaluations(self, model: nn.Module, split: str) -> list[Evaluation]:
+        """Every (dataset, task) after each Release epoch (Table 8's note) and on the test split;
+        nothing after a Lock epoch."""
+        if split == "val" and not self.rows[self._epoch].evaluate:
+            return []
+        return [Evaluation(prefix=f"{ds}/{task}", indices=range(*self.members[ds][split]), task=EVAL_TASK[task],
+                           class_names=self.classes[ds][task], predict=functools.partial(self._predict, ds, task),
+                           place=functools.partial(self._place_for, ds, task),
+                           label_columns=self.members[ds]["columns"] if task == "cls" else None)
+                for ds, task in self.pairs()]
+
+    def _place_for(self, ds: str, task: str, model: nn.Module) -> None:
+        self.placement.apply(model, resident(_path(ds, task), teacher=False))
+
+    def _predict(self, ds: str, task: str, model: nn.Module, images: torch.Tensor) -> Any:
+        x = model.adapter(images)
+        feats = model.backbone(x)
+        pred, _, _ = self._task_path(model, task, ds, feats)
+        if task == "loc":
+            return model.head.loc_decoders[ds].predict(pred)
+        return torch.sigmoid(pred.float())
+
+    def summarize(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
+        """``<split>/objective``: the mean or min over (dataset, task) of AUC / mAP@0.40 / Dice; a part
+        without a value (e.g. AUC of a split with one class) is left out."""
+        if self.objective not in OBJECTIVES:
+            return {}
+        values = [metrics.get(f"{split}/{ds}/{t}/{HEADLINE[t]}") for ds, t in self.pairs()]
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return {}
+        return {f"{split}/objective": (sum(values) / len(values)) if self.objective == "mean" else min(values)}
+
+    def monitor(self) -> str:
+        return "val/objective" if self.objective in OBJECTIVES else self.objective
+
+
+def check_objective(objective: str, datasets: list[dict[str, Any]]) -> None:
+    if objective in OBJECTIVES:
+        return
+    pairs = [f"{d['name']}/{t}" for d in datasets for t in d["tasks"]]
+    parts = str(objective).split("/")
+    if len(parts) < 4 or parts[0] != "val" or "/".join(parts[1:3]) not in pairs:
+        raise ScheduleError(f"strategy.objective={objective!r}: use mean, min or a validation key "
+                            f"val/<dataset>/<task>/<metric> with <dataset>/<task> one of {', '.join(pairs)} "
+                            "(e.g. val/" + pairs[0] + "/" + HEADLINE[pairs[0].split('/')[1]] + ")")
 
 
 def lock_release(datasets: list | None = None, cycles: int = 1, lock: bool = True, lock_fraction: float = 0.5,
                  lock_classification: bool = False, order: str = "by_dataset", task_order: str = "cls-loc-seg",
                  teacher: bool = True, momentum: float = 0.8, consistency: float = 0.5,
                  consistency_kind: str = "mse", lr_backbone: float = 1e-5, lr_head: float = 1e-4,
-                 weight_decay: float = 0.05, seed: int = 0) -> LockRelease:
+                 lr_loc: float = 1e-4, lr_seg: float = 1e-4, weight_decay: float = 0.05, objective: str = "mean",
+                 loc_head: dict | None = None, seg_head: dict | None = None, offload: bool = True,
+                 seed: int = 0) -> LockRelease:
     """Foundation X. ``datasets``: [{name, tasks: [cls|loc|seg...], dataset: {name: PLUGIN, ...}, structure}];
     ``order``: by_dataset (Algorithm 1) | by_task (Table 8); ``lock``/``teacher``: Table 10's switches;
-    ``momentum``: λ of the teacher EMA; ``consistency``: c in (1−c)·task + c·consistency."""
+    ``momentum``: λ of the teacher EMA; ``consistency``: c in (1−c)·task + c·consistency;
+    ``objective``: mean | min over the (dataset, task) headline metrics, or one validation key;
+    ``loc_head``/``seg_head``: the dino / upernet configs the shared parts and per-dataset heads come
+    from; ``offload``: keep heads off the accelerator while their task is not active."""
     if not 0 <= momentum <= 1 or not 0 <= consistency <= 1:
         raise ScheduleError("strategy.momentum and strategy.consistency must be in [0, 1]")
     if consistency_kind not in CONSISTENCY:
         raise ScheduleError(f"strategy.consistency_kind={consistency_kind!r}; use one of {', '.join(CONSISTENCY)}")
     rows = schedule(datasets, cycles=cycles, lock=lock, lock_fraction=lock_fraction,
                     lock_classification=lock_classification, order=order, task_order=task_order, teacher=teacher)
-    return LockRelease(rows, parse_datasets(datasets), teacher, momentum, consistency, consistency_kind,
-                       lr_backbone, lr_head, weight_decay, seed)
+    parsed = parse_datasets(datasets)
+    check_objective(objective, parsed)
+    for key, node in (("loc_head", loc_head), ("seg_head", seg_head)):
+        if node is not None and not isinstance(node, dict):
+            raise ScheduleError(f"strategy.{key} must be a mapping such as {{name: dino, hidden: 64}}")
+    lrs = {"backbone": lr_backbone, "cls": lr_head, "loc": lr_loc, "seg": lr_seg}
+    return LockRelease(rows, parsed, teacher, momentum, consistency, consistency_kind, lrs, weight_decay,
+                       objective, dict(loc_head or {"name": "dino"}), dict(seg_head or {"name": "upernet"}),
+                       offload, seed)

@@ -1,0 +1,205 @@
+"""Foundation X's model parts around one backbone, and where each part lives.
+
+- classification: one head per dataset (the configured head kind, resized to the dataset's classes);
+- localization: one shared *localization encoder* (the ``dino`` head's ``encoder``: projections +
+  RT-DETR hybrid encoder) and one *localization decoder* per dataset (the ``dino`` head's ``decoder``:
+  query selection, deformable decoder, denoising, Hungarian loss);
+- segmentation: one shared *segmentation decoder* (transformers' ``UperNetHead`` without its last
+  1×1 classifier: PSP + FPN fusion to ``hidden`` channels) and one *segmentation head* per dataset (that
+  1×1 classifier, with the ``upernet`` head's BCE + Dice loss).
+
+Parts are addressed by the schedule's component names (``backbone``, ``loc_encoder``, ``seg_decoder``,
+``cls_head/<ds>``, ``loc_decoder/<ds>``, ``seg_head/<ds>``). ``Placement`` keeps the parts an epoch
+does not use off the accelerator (and their optimizer state with them).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from cxr_automl import registry
+from cxr_automl.interfaces import BackboneOutput, DatasetBundle, Head
+from cxr_automl_plugins.heads.dino import DinoDetHead
+from cxr_automl_plugins.heads.upernet import UperNetSegHead, mask_loss
+
+
+def resized_head(template: Head, num_classes: int) -> Head:
+    """A copy of ``template`` whose last Linear layer outputs ``num_classes`` (a per-dataset head of
+    the configured kind: ``linear`` is Foundation X's, ``mlp`` gets its own hidden layers too)."""
+    head = copy.deepcopy(template)
+    linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"lock_release needs a head ending in a Linear layer; {type(template).__name__} has none")
+    name, last = linears[-1]
+    parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
+    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+    return head
+
+
+class SegmentationHead(nn.Module):
+    """One dataset's segmentation head: UperNet's final 1×1 classifier over the shared decoder's fused
+    map, scored with the ``upernet`` head's loss (per-class BCE + soft Dice)."""
+
+    def __init__(self, source: UperNetSegHead):
+        super().__init__()
+        self.classifier = source.net.classifier
+        self.num_classes, self.bce_weight, self.dice_weight = source.num_classes, source.bce_weight, source.dice_weight
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.classifier(fused)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return mask_loss(logits, batch, self.num_classes, self.bce_weight, self.dice_weight)
+
+
+class FoundationHeads(Head):
+    """Every task part of Foundation X except the backbone. ``forward`` (the loop's default path, not
+    used by lock_release's own training and evaluation) gives the classification logits of every
+    dataset with a classification task, concatenated."""
+
+    task = "classification"
+
+    def __init__(self, cls_heads: dict[str, Head], loc_encoder: nn.Module | None, loc_decoders: dict[str, DinoDetHead],
+                 loc_levels: int, seg_decoder: nn.Module | None, seg_heads: dict[str, SegmentationHead]):
+        super().__init__()
+        self.cls_heads = nn.ModuleDict(cls_heads)
+        self.loc_encoder = loc_encoder
+        self.loc_decoders = nn.ModuleDict(loc_decoders)
+        self.loc_levels = loc_levels
+        self.seg_decoder = seg_decoder
+        self.seg_heads = nn.ModuleDict(seg_heads)
+
+    def forward(self, feats: BackboneOutput) -> torch.Tensor:
+        if not len(self.cls_heads):
+            return feats.pooled.new_zeros(len(feats.pooled), 0)
+        return torch.cat([h(feats) for h in self.cls_heads.values()], dim=1)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError("lock_release computes each task's loss itself (LockRelease.loss)")
+
+    def loc_maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
+        return [m.contiguous() for m in feats.features[-self.loc_levels:]]
+
+    def seg_maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
+        return [m.contiguous() for m in feats.features]
+
+
+def class_names(bundle: DatasetBundle, task: str, where: str) -> list[str]:
+    """The classes of one (dataset, task): labels for cls, box classes for loc, mask structures for seg."""
+    if task == "seg":
+        names = bundle.extras.get("structures") or (bundle.class_names if bundle.task == "segmentation" else None)
+        if not names:
+            raise ValueError(f"{where} has task seg but its dataset gives no masks (extras['structures'])")
+        return list(names)
+    if task == "loc" and bundle.task == "segmentation":
+        raise ValueError(f"{where} has task loc but its dataset is configured for segmentation; "
+                         "use its classification or detection task (boxes index those classes)")
+    return list(bundle.class_names)
+
+
+def build_heads(template: Head, backbone: nn.Module, classes: dict[str, dict[str, list[str]]],
+                loc_head: dict[str, Any], seg_head: dict[str, Any]) -> FoundationHeads:
+    """``classes``: dataset → task → class names, for the tasks it has. ``loc_head``/``seg_head``: the
+    ``dino`` / ``upernet`` head configs the shared parts and per-dataset decoders/heads are cut from."""
+    supplied = lambda n: {"in_channels": backbone.feature_channels, "in_dim": backbone.embed_dim,  # noqa: E731
+                          "num_classes": n}
+    cls_heads = {ds: resized_head(template, len(t["cls"])) for ds, t in classes.items() if "cls" in t}
+    loc_encoder, loc_decoders, levels = None, {}, 0
+    loc_sets = [ds for ds, t in classes.items() if "loc" in t]
+    if loc_sets:
+        node = dict(loc_head)
+        name = node.pop("name", None)
+        if name != "dino":
+            raise ValueError(f"strategy.loc_head.name={name!r}: localization needs the 'dino' head "
+                             "(a shareable encoder and per-dataset decoders)")
+        for ds in loc_sets:
+            head = registry.build("head", "dino", supplied=supplied(len(classes[ds]["loc"])), **node)
+            if loc_encoder is None:
+                loc_encoder, levels = head.encoder, head.levels
+            head.encoder = None  # one shared encoder; each dataset keeps the decoder and its loss
+            loc_decoders[ds] = head
+    seg_decoder, seg_heads = None, {}
+    seg_sets = [ds for ds, t in classes.items() if "seg" in t]
+    if seg_sets:
+        node = dict(seg_head)
+        name = node.pop("name", None)
+        if name != "upernet":
+            raise ValueError(f"strategy.seg_head.name={name!r}: segmentation needs the 'upernet' head "
+                             "(a shareable decoder and per-dataset classifiers)")
+        for ds in seg_sets:
+            head = registry.build("head", "upernet", supplied=supplied(len(classes[ds]["seg"])), **node)
+            if seg_decoder is None:
+                seg_decoder = head.net
+            seg_heads[ds] = SegmentationHead(head)
+        seg_decoder.classifier = nn.Identity()  # the fused map; each dataset's classifier is its head
+    return FoundationHeads(cls_heads, loc_encoder, loc_decoders, levels, seg_decoder, seg_heads)
+
+
+def component(model: nn.Module, name: str) -> nn.Module:
+    """The module of a schedule component name (``teacher/<shared>`` for the teacher's copies)."""
+    heads: FoundationHeads = model.head
+    kind, _, ds = name.partition("/")
+    table = {"backbone": lambda: model.backbone, "loc_encoder": lambda: heads.loc_encoder,
+             "seg_decoder": lambda: heads.seg_decoder, "cls_head": lambda: heads.cls_heads[ds],
+             "loc_decoder": lambda: heads.loc_decoders[ds], "seg_head": lambda: heads.seg_heads[ds],
+             "teacher": lambda: model.teacher.copies[ds]}
+    return table[kind]()
+
+
+def all_components(model: nn.Module) -> list[str]:
+    """Every part that can be placed: the shared task parts, each dataset's heads, the teacher's copies
+    of the shared task parts (the adapter, backbone and the teacher's backbone always stay on the device)."""
+    heads: FoundationHeads = model.head
+    names = [*(["loc_encoder"] if heads.loc_encoder is not None else []),
+             *(["seg_decoder"] if heads.seg_decoder is not None else []),
+             *(f"cls_head/{d}" for d in heads.cls_heads), *(f"loc_decoder/{d}" for d in heads.loc_decoders),
+             *(f"seg_head/{d}" for d in heads.seg_heads)]
+    teacher = getattr(model, "teacher", None)
+    if teacher is not None:
+        names += [f"teacher/{n}" for n in teacher.copies if n != "backbone"]
+    return names
+
+
+def resident(path: Iterable[str], teacher: bool) -> set[str]:
+    """Parts that must be on the device to train or evaluate ``path`` (frozen ones included: the
+    forward pass needs them), plus the teacher's copy of the path's shared part."""
+    out = {c for c in path if c != "backbone"}
+    if teacher:
+        out |= {f"teacher/{c}" for c in path if c in ("loc_encoder", "seg_decoder")}
+    return out
+
+
+class Placement:
+    """Moves parts between the run's device and the offload device (the CPU), optimizer state with
+    them, so an accelerator only holds the backbone and the active task's path. On a CPU run the
+    moves are no-ops."""
+
+    def __init__(self, device: torch.device, offload: torch.device | None = None):
+        self.device = torch.device(device)
+        self.offload = torch.device("cpu") if offload is None else torch.device(offload)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def move(self, module: nn.Module, device: torch.device) -> None:
+        module.to(device)
+        if self.optimizer is None:
+            return
+        for p in module.parameters():
+            state = self.optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:  # moments; scalar 'step' stays where it is
+                    state[key] = value.to(device)
+
+    def apply(self, model: nn.Module, keep: set[str]) -> None:
+        """``keep`` on the device, every other placeable part on the offload device."""
+        names = all_components(model)
+        for name in names:  # out first, then in: the device never holds both sets
+            if name not in keep:
+                self.move(component(model, name), self.offload)
+        for name in names:
+            if name in keep:
+                self.move(component(model, name), self.device)

@@ -112,13 +112,13 @@ def bench_storage(seconds: float, clients_list: tuple[int, ...]) -> None:
 
 
 # ---------------------------------------------------------------- pruning: epochs to the same best
-def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool) -> optuna.Study:
+def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: int) -> optuna.Study:
     """The shipped ``spft`` search space on the embedded default (``--quick``: the small setup), early
     stopping off so that the pruner is the only thing cutting trials short."""
     (tmp / "space.yaml").write_text(SPACE)
     space = ["-s", "space.yaml", *SMALL] if quick else ["-s", "spft", "trainer.progress=false"]
     cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{tmp / 'p.log'}",
-        "--pruner", pruner, "--sampler", "random", "--seed", "3", f"strategy.epochs={epochs}",
+        "--pruner", pruner, "--sampler", "random", "--seed", str(seed), f"strategy.epochs={epochs}",
         "strategy.patience=1000", cwd=tmp)
     return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp / "p.log"))))
@@ -154,9 +154,10 @@ def report_pruning(studies: dict[str, optuna.Study]) -> None:
     print(flush=True)
 
 
-def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool) -> None:
+def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
-    report_pruning({p: _run(p, n_trials, epochs, tmp, quick) for p in ["none", *pruners]})
+    print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, runs in {tmp}", flush=True)
+    report_pruning({p: _run(p, n_trials, epochs, tmp, quick, seed) for p in ["none", *pruners]})
 
 
 def main() -> None:
@@ -170,13 +171,14 @@ def main() -> None:
     ap.add_argument("--prune-epochs", type=int, default=12)
     ap.add_argument("--pruners", default="median", help="compared with none, comma-separated")
     ap.add_argument("--prune-quick", action="store_true", help="small images and data instead of the default")
+    ap.add_argument("--prune-seed", type=int, default=3, help="random-sampler seed (the recipes every arm sees)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     only = args.only or ["storage", "pruning", "slurm"]
     if "storage" in only:
         bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
     if "pruning" in only:
-        bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick)
+        bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed)
     if "slurm" in only:
         bench_slurm(args.slurm_trials, args.slurm_train)
 

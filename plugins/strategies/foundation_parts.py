@@ -109,33 +109,32 @@ def build_heads(template: Head, backbone: nn.Module, classes: dict[str, dict[str
     supplied = lambda n: {"in_channels": backbone.feature_channels, "in_dim": backbone.embed_dim,  # noqa: E731
                           "num_classes": n}
     cls_heads = {ds: resized_head(template, len(t["cls"])) for ds, t in classes.items() if "cls" in t}
+
+    def per_dataset(task: str, node: dict[str, Any], kind: str, why: str) -> dict[str, Head]:
+        """One ``kind`` head per dataset that has ``task``, sized to its classes."""
+        node = dict(node)
+        name = node.pop("name", None)
+        if not any(task in t for t in classes.values()):
+            return {}
+        if name != kind:
+            raise ValueError(f"strategy.{task}_head.name={name!r}: {why}")
+        return {ds: registry.build("head", kind, supplied=supplied(len(t[task])), **node)
+                for ds, t in classes.items() if task in t}
+
     loc_encoder, loc_decoders, levels = None, {}, 0
-    loc_sets = [ds for ds, t in classes.items() if "loc" in t]
-    if loc_sets:
-        node = dict(loc_head)
-        name = node.pop("name", None)
-        if name != "dino":
-            raise ValueError(f"strategy.loc_head.name={name!r}: localization needs the 'dino' head "
-                             "(a shareable encoder and per-dataset decoders)")
-        for ds in loc_sets:
-            head = registry.build("head", "dino", supplied=supplied(len(classes[ds]["loc"])), **node)
-            if loc_encoder is None:
-                loc_encoder, levels = head.encoder, head.levels
-            head.encoder = None  # one shared encoder; each dataset keeps the decoder and its loss
-            loc_decoders[ds] = head
+    for ds, head in per_dataset("loc", loc_head, "dino", "localization needs the 'dino' head "
+                                "(a shareable encoder and per-dataset decoders)").items():
+        if loc_encoder is None:
+            loc_encoder, levels = head.encoder, head.levels
+        head.encoder = None  # one shared encoder; each dataset keeps the decoder and its loss
+        loc_decoders[ds] = head
     seg_decoder, seg_heads = None, {}
-    seg_sets = [ds for ds, t in classes.items() if "seg" in t]
-    if seg_sets:
-        node = dict(seg_head)
-        name = node.pop("name", None)
-        if name != "upernet":
-            raise ValueError(f"strategy.seg_head.name={name!r}: segmentation needs the 'upernet' head "
-                             "(a shareable decoder and per-dataset classifiers)")
-        for ds in seg_sets:
-            head = registry.build("head", "upernet", supplied=supplied(len(classes[ds]["seg"])), **node)
-            if seg_decoder is None:
-                seg_decoder = head.net
-            seg_heads[ds] = SegmentationHead(head)
+    for ds, head in per_dataset("seg", seg_head, "upernet", "segmentation needs the 'upernet' head "
+                                "(a shareable decoder and per-dataset classifiers)").items():
+        if seg_decoder is None:
+            seg_decoder = head.net
+        seg_heads[ds] = SegmentationHead(head)
+    if seg_decoder is not None:
         seg_decoder.classifier = nn.Identity()  # the fused map; each dataset's classifier is its head
     return FoundationHeads(cls_heads, loc_encoder, loc_decoders, levels, seg_decoder, seg_heads)
 

@@ -175,8 +175,8 @@ class Evaluation:
     indices: Sequence[int]  # items of the split this part scores
     task: str  # classification | detection | segmentation (picks the evaluator)
     class_names: list[str]
-    #: (model, images) -> what the task's evaluator scores (as ``Head.predict`` returns), under no_grad
-    predict: Callable[["nn.Module", torch.Tensor], Any]
+    #: (model, images, batch) -> what the task's evaluator scores (as ``Head.predict`` returns), under no_grad
+    predict: Callable[["nn.Module", torch.Tensor, dict[str, Any]], Any]
     #: called before the part runs, e.g. to move the part's head onto the device
     place: Callable[["nn.Module"], None] | None = None
     #: the columns of the items' ``labels`` that are this part's classes (None: all of them)

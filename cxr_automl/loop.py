@@ -272,7 +272,7 @@ class Trainer:
                     part.place(model)
                 evaluator = evaluator_for(part.task, part.class_names)
                 self._run_evaluation(torch.utils.data.Subset(dataset, list(part.indices)), evaluator,
-                                     lambda m, x, _batch, part=part: part.predict(m, x), model, part.label_columns)
+                                     part.predict, model, part.label_columns)
                 metrics.update(evaluator.compute(f"{split}/{part.prefix}"))
                 done.append((part.prefix, evaluator))
             evaluator = PartsWriter(done)

@@ -331,7 +331,7 @@ class LockRelease(Strategy):
     def _place_for(self, ds: str, task: str, model: nn.Module) -> None:
         self.placement.apply(model, resident(_path(ds, task), teacher=False))
 
-    def _predict(self, ds: str, task: str, model: nn.Module, images: torch.Tensor) -> Any:
+    def _predict(self, ds: str, task: str, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> Any:
         x = model.adapter(images)
         feats = model.backbone(x)
         pred, _, _ = self._task_path(model, task, ds, feats)

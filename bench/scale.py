@@ -114,50 +114,116 @@ def bench_storage(seconds: float, clients_list: tuple[int, ...]) -> None:
 # ---------------------------------------------------------------- pruning: epochs to the same best
 def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: int) -> optuna.Study:
     """The shipped ``spft`` search space on the embedded default (``--quick``: the small setup), early
-    stopping off so that the pruner is the only thing cutting trials short."""
+    stopping off so that the pruner is the only thing cutting trials short. One journal per arm, so arms
+    can run side by side."""
     (tmp / "space.yaml").write_text(SPACE)
     space = ["-s", "space.yaml", *SMALL] if quick else ["-s", "spft", "trainer.progress=false"]
-    cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{tmp / 'p.log'}",
+    log = tmp / f"{pruner}.log"
+    cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{log}",
         "--pruner", pruner, "--sampler", "random", "--seed", str(seed), f"strategy.epochs={epochs}",
         "strategy.patience=1000", cwd=tmp)
     return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp / "p.log"))))
+        optuna.storages.journal.JournalFileBackend(str(log))))
 
 
-def _epochs_to(study: optuna.Study, target: float) -> int | None:
-    """Epochs spent, in trial order, until a complete trial reaches ``target`` (None: never)."""
+Curve = tuple[list[tuple[int, float]], float]  # (step, value) per epoch, final value
+
+
+def _curves(study: optuna.Study) -> list[Curve]:
+    return [(sorted(t.intermediate_values.items()), t.value)
+            for t in sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)]
+
+
+def _replay(curves: list[Curve], pruner: str, study_name: str) -> list[Curve | None]:
+    """Feed recorded full learning curves, in order, to a fresh study with ``pruner`` (the same object
+    ``cxr-automl search --pruner`` builds): what it would have run of each. Exact for one worker and the
+    random sampler, whose recipes do not depend on what was pruned; checked against the real arms."""
+    from cxr_automl.search import make_pruner
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner), study_name=study_name)
+    seen: list[Curve | None] = []
+    for steps, value in curves:
+        trial, ran = study.ask(), []
+        for step, v in steps:
+            trial.report(v, step)
+            ran.append((step, v))
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, value)
+        seen.append((ran, value) if len(ran) == len(steps) else (ran, None))
+    return seen
+
+
+def _to_target(seen: list[tuple[list, float | None]], target: float) -> int | None:
+    """Epochs spent, in trial order, until a finished trial reaches ``target`` (None: never)."""
     spent = 0
-    for t in sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number):
-        spent += len(t.intermediate_values)
-        if t.state == TrialState.COMPLETE and t.value >= target - 1e-12:
+    for steps, value in seen:
+        spent += len(steps)
+        if value is not None and value >= target - 1e-12:
             return spent
     return None
 
 
-def report_pruning(studies: dict[str, optuna.Study]) -> None:
-    """Each pruner against no pruner. "The same best value" is the lower of the two searches' bests,
-    so a pruner that stopped the eventual winner is charged until it found something as good."""
+def _as_seen(study: optuna.Study) -> list[tuple[list, float | None]]:
+    trials = sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number)
+    return [(list(t.intermediate_values.items()), t.value if t.state == TrialState.COMPLETE else None)
+            for t in trials]
+
+
+def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int) -> None:
+    """Each pruner against no pruner, measured, then the same pruner over shuffled orders of the measured
+    no-pruner curves. "The same best value" is the lower of the two searches' bests, so a pruner that
+    stopped the eventual winner is charged until it found something as good."""
+    import random
     base = studies["none"]
     spent = {p: sum(len(t.intermediate_values) for t in s.trials) for p, s in studies.items()}
     for p, s in studies.items():
         pruned = len(s.get_trials(states=(TrialState.PRUNED,)))
         print(f"pruning {p:>18}: best {s.best_value:.4f}, {pruned:2d}/{len(s.trials)} pruned, "
               f"{spent[p]:3d} epochs in all")
+    curves = _curves(base)
+    n_fixed = sum(1 for t in base.trials if t.system_attrs.get("fixed_params"))  # enqueued baselines run first
+    shuffles = [curves[:n_fixed] + random.Random(seed + i).sample(curves[n_fixed:], len(curves) - n_fixed)
+                for i in range(orders)]
     for p, s in studies.items():
         if p == "none":
             continue
         common = min(base.best_value, s.best_value)
-        with_p, without = _epochs_to(s, common), _epochs_to(base, common)
+        with_p, without = _to_target(_as_seen(s), common), _to_target(_as_seen(base), common)
         print(f"pruning saving {p:>18}: {without}/{with_p} = {without / with_p:.2f}x fewer epochs to reach {common:.4f} "
               f"(best without {base.best_value:.4f}); {spent['none'] / spent[p]:.2f}x fewer for the whole search "
               "(target >= 2x)")
+        replayed = sum(len(steps) for steps, _ in _replay(curves, p, p))
+        print(f"  replay check {p:>16}: the measured curves fed to the pruner in the measured order give "
+              f"{replayed} epochs ({'same as' if replayed == spent[p] else 'DIFFERENT from'} the real arm)")
+        if not orders:
+            continue
+        best = max(v for _, v in curves)
+        tot_without = tot_with = lost = 0
+        for order in shuffles:
+            seen = _replay(order, p, p)
+            reached = max(v for _, v in seen if v is not None)
+            lost += reached < best - 1e-12
+            target = min(best, reached)
+            tot_without += _to_target([(st, v) for st, v in order], target)
+            tot_with += _to_target(seen, target)
+        print(f"  over {orders} shuffled orders {p:>8}: mean epochs to the same best {tot_without / orders:.1f} "
+              f"without vs {tot_with / orders:.1f} with = {tot_without / tot_with:.2f}x; "
+              f"the best recipe was pruned in {lost}/{orders}")
     print(flush=True)
 
 
-def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int) -> None:
+def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
+                  orders: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
-    print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, runs in {tmp}", flush=True)
-    report_pruning({p: _run(p, n_trials, epochs, tmp, quick, seed) for p in ["none", *pruners]})
+    arms = ["none", *pruners]
+    print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, {jobs} arm(s) at a "
+          f"time, runs in {tmp}", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:  # each arm is its own process; epoch counts do not depend on load
+        studies = dict(zip(arms, pool.map(lambda p: _run(p, n_trials, epochs, tmp, quick, seed), arms)))
+    report_pruning(studies, orders, seed)
 
 
 def main() -> None:
@@ -172,13 +238,17 @@ def main() -> None:
     ap.add_argument("--pruners", default="median", help="compared with none, comma-separated")
     ap.add_argument("--prune-quick", action="store_true", help="small images and data instead of the default")
     ap.add_argument("--prune-seed", type=int, default=3, help="random-sampler seed (the recipes every arm sees)")
+    ap.add_argument("--prune-jobs", type=int, default=1, help="arms run side by side (one core each)")
+    ap.add_argument("--prune-orders", type=int, default=200,
+                    help="shuffled orders of the measured no-pruner curves replayed through each pruner")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     only = args.only or ["storage", "pruning", "slurm"]
     if "storage" in only:
         bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
     if "pruning" in only:
-        bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed)
+        bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed,
+                      args.prune_jobs, args.prune_orders)
     if "slurm" in only:
         bench_slurm(args.slurm_trials, args.slurm_train)
 

@@ -46,8 +46,10 @@ class MetricsLogger(Callback):
         with open(Path(trainer.run_dir) / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         monitor = trainer.strategy.monitor()
-        log.info("epoch %d  loss %.4f  %s %.4f  %.0f img/s", metrics["epoch"], metrics["train/loss"],
-                 monitor, metrics.get(monitor, float("nan")), metrics["train/images_per_s"])
+        value = metrics.get(monitor)  # absent when the strategy evaluates nothing this epoch (a Lock epoch)
+        shown = "not evaluated this epoch" if value is None else f"{value:.4f}"
+        log.info("epoch %d  loss %.4f  %s %s  %.0f img/s", metrics["epoch"], metrics["train/loss"],
+                 monitor, shown, metrics["train/images_per_s"])
 
 
 def make_progress() -> Progress:

@@ -342,3 +342,17 @@ def test_lock_release_search_spaces_run_end_to_end(in_tmp, space, n):
     if space == "foundation_x_ablation":
         assert {(t.params["strategy.lock"], t.params["strategy.teacher"]) for t in done} == \
             {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_a_members_own_dataset_gets_the_runs_image_size_unless_it_sets_one(tmp_path):
+    """The README's mixed example: member ``b`` names only its plugin, so it is built at the run's size;
+    a member that insists on another size is a one-line config error."""
+    member = "{name: b, tasks: [cls], dataset: {name: synthetic_cxr, n_train: 32, n_val: 16, n_test: 16, seed: 1}}"
+    t = Trainer(config.compose([*TINY, "strategy=lock_release", f"strategy.datasets=[{{name: a, tasks: [cls]}}, {member}]"]),
+                tmp_path / "same")
+    run_size = config.compose(TINY)["dataset"]["image_size"]
+    assert {tuple(t.data.train[i]["image"].shape[-2:]) for i in (0, len(t.data.train) - 1)} == {(run_size, run_size)}
+    odd = member.replace("seed: 1", f"seed: 1, image_size: {run_size * 2}")
+    with pytest.raises(config.ConfigError, match="one image size"):
+        Trainer(config.compose([*TINY, "strategy=lock_release", f"strategy.datasets=[{{name: a, tasks: [cls]}}, {odd}]"]),
+                tmp_path / "odd")

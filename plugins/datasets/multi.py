@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from cxr_automl.config import ConfigError
 from cxr_automl.interfaces import DatasetBundle
 
 SPLITS = ("train", "val", "test")
@@ -96,8 +97,9 @@ def compose(members: dict[str, DatasetBundle]) -> DatasetBundle:
     size = first.train[0]["image"].shape
     for name, b in members.items():
         if b.channels != first.channels or b.train[0]["image"].shape != size:
-            raise ValueError(f"dataset {name!r} gives images of shape {tuple(b.train[0]['image'].shape)}, "
-                             f"{names[0]!r} gives {tuple(size)}; use one image size for every dataset")
+            raise ConfigError(f"dataset {name!r} gives images of shape {tuple(b.train[0]['image'].shape)}, "
+                              f"{names[0]!r} gives {tuple(size)}; use one image size and channel count for "
+                              "every dataset")
     class_names, columns = [], []
     for name in names:
         cols = list(range(len(class_names), len(class_names) + len(members[name].class_names)))

@@ -182,10 +182,12 @@ class LockRelease(Strategy):
         one without it uses the run's dataset; ``structure`` makes it that one structure's dataset
         (its mask, the box around it)."""
         bundles = {}
+        size = int(data.train[0]["image"].shape[-1])  # a member's own dataset gets the run's image size
         for i, d in enumerate(self.datasets):
             where = f"strategy.datasets[{i}]"
             node = dict(d.get("dataset") or {})
-            bundle = registry.build("dataset", node.pop("name"), **node) if node else data
+            run_size = {} if "image_size" in node else {"image_size": size}
+            bundle = registry.build("dataset", node.pop("name"), supplied=run_size, **node) if node else data
             if d.get("structure"):
                 bundle = select_structure(bundle, str(d["structure"]), where=f"{where}.structure")
             self.classes[d["name"]] = {t: class_names(bundle, t, where) for t in d["tasks"]}

@@ -112,7 +112,7 @@ def bench_storage(seconds: float, clients_list: tuple[int, ...]) -> None:
 
 
 # ---------------------------------------------------------------- pruning: epochs to the same best
-def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: int) -> optuna.Study:
+def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: int, warmup: int) -> optuna.Study:
     """The shipped ``spft`` search space on the embedded default (``--quick``: the small setup), early
     stopping off so that the pruner is the only thing cutting trials short. One journal per arm, so arms
     can run side by side."""
@@ -120,7 +120,8 @@ def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: 
     space = ["-s", "space.yaml", *SMALL] if quick else ["-s", "spft", "trainer.progress=false"]
     log = tmp / f"{pruner}.log"
     cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{log}",
-        "--pruner", pruner, "--sampler", "random", "--seed", str(seed), f"strategy.epochs={epochs}",
+        "--pruner", pruner, "--prune-warmup", str(warmup), "--sampler", "random", "--seed", str(seed),
+        f"strategy.epochs={epochs}",
         "strategy.patience=1000", cwd=tmp)
     return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(log))))
@@ -134,12 +135,12 @@ def _curves(study: optuna.Study) -> list[Curve]:
             for t in sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)]
 
 
-def _replay(curves: list[Curve], pruner: str, study_name: str) -> list[Curve | None]:
+def _replay(curves: list[Curve], pruner: str, study_name: str, warmup: int) -> list[Curve | None]:
     """Feed recorded full learning curves, in order, to a fresh study with ``pruner`` (the same object
     ``cxr-automl search --pruner`` builds): what it would have run of each. Exact for one worker and the
     random sampler, whose recipes do not depend on what was pruned; checked against the real arms."""
     from cxr_automl.search import make_pruner
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner), study_name=study_name)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, warmup), study_name=study_name)
     seen: list[Curve | None] = []
     for steps, value in curves:
         trial, ran = study.ask(), []
@@ -171,11 +172,29 @@ def _as_seen(study: optuna.Study) -> list[tuple[list, float | None]]:
             for t in trials]
 
 
-def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int) -> None:
-    """Each pruner against no pruner, measured, then the same pruner over shuffled orders of the measured
-    no-pruner curves. "The same best value" is the lower of the two searches' bests, so a pruner that
+def _shuffled(curves: list[Curve], pruner: str, warmup: int, orders: list[list[Curve]]) -> tuple[float, int]:
+    """Mean epochs to the same best without / with ``pruner`` over shuffled orders, and how often the
+    pruner stopped the best recipe."""
+    best = max(v for _, v in curves)
+    tot_without = tot_with = lost = 0
+    for order in orders:
+        seen = _replay(order, pruner, pruner, warmup)
+        reached = max(v for _, v in seen if v is not None)
+        lost += reached < best - 1e-12
+        target = min(best, reached)
+        tot_without += _to_target(list(order), target)
+        tot_with += _to_target(seen, target)
+    return tot_without / tot_with, lost
+
+
+def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, warmup: int,
+                   replay_warmups: list[int]) -> None:
+    """Each pruner against no pruner, measured; then the same pruners replayed over the measured
+    no-pruner curves: in the measured order (must equal the real arm), over shuffled orders, and with
+    other warm-ups. "The same best value" is the lower of the two searches' bests, so a pruner that
     stopped the eventual winner is charged until it found something as good."""
     import random
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = studies["none"]
     spent = {p: sum(len(t.intermediate_values) for t in s.trials) for p, s in studies.items()}
     for p, s in studies.items():
@@ -186,44 +205,47 @@ def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int) -> 
     n_fixed = sum(1 for t in base.trials if t.system_attrs.get("fixed_params"))  # enqueued baselines run first
     shuffles = [curves[:n_fixed] + random.Random(seed + i).sample(curves[n_fixed:], len(curves) - n_fixed)
                 for i in range(orders)]
-    for p, s in studies.items():
-        if p == "none":
-            continue
+    pruners = [p for p in studies if p != "none"]
+    for p in pruners:
+        s = studies[p]
         common = min(base.best_value, s.best_value)
         with_p, without = _to_target(_as_seen(s), common), _to_target(_as_seen(base), common)
-        print(f"pruning saving {p:>18}: {without}/{with_p} = {without / with_p:.2f}x fewer epochs to reach {common:.4f} "
-              f"(best without {base.best_value:.4f}); {spent['none'] / spent[p]:.2f}x fewer for the whole search "
-              "(target >= 2x)")
-        replayed = sum(len(steps) for steps, _ in _replay(curves, p, p))
-        print(f"  replay check {p:>16}: the measured curves fed to the pruner in the measured order give "
-              f"{replayed} epochs ({'same as' if replayed == spent[p] else 'DIFFERENT from'} the real arm)")
-        if not orders:
-            continue
-        best = max(v for _, v in curves)
-        tot_without = tot_with = lost = 0
-        for order in shuffles:
-            seen = _replay(order, p, p)
+        print(f"pruning saving {p:>18} (warm-up {warmup}): {without}/{with_p} = {without / with_p:.2f}x fewer epochs "
+              f"to reach {common:.4f} (best without {base.best_value:.4f}); {spent['none'] / spent[p]:.2f}x fewer "
+              "for the whole search (target >= 2x)")
+        replayed = sum(len(steps) for steps, _ in _replay(curves, p, p, warmup))
+        print(f"  replay check: the measured curves fed to the pruner in the measured order give {replayed} "
+              f"epochs ({'same as' if replayed == spent[p] else 'DIFFERENT from'} the real arm)")
+    if not replay_warmups:
+        print(flush=True)
+        return
+    print(f"replayed over the measured no-pruner curves ({len(curves)} trials; shuffled: {orders} orders, "
+          "baselines first):")
+    print(f"{'pruner':>18} {'warm-up':>7} {'whole search':>12} {'to the best':>11} {'shuffled':>9} "
+          f"{'best stopped':>12}")
+    for p in pruners:
+        for w in replay_warmups:
+            seen = _replay(curves, p, p, w)
             reached = max(v for _, v in seen if v is not None)
-            lost += reached < best - 1e-12
-            target = min(best, reached)
-            tot_without += _to_target([(st, v) for st, v in order], target)
-            tot_with += _to_target(seen, target)
-        print(f"  over {orders} shuffled orders {p:>8}: mean epochs to the same best {tot_without / orders:.1f} "
-              f"without vs {tot_with / orders:.1f} with = {tot_without / tot_with:.2f}x; "
-              f"the best recipe was pruned in {lost}/{orders}")
+            target = min(reached, base.best_value)
+            whole = spent["none"] / sum(len(steps) for steps, _ in seen)
+            to_best = _to_target(list(curves), target) / _to_target(seen, target)
+            ratio, lost = _shuffled(curves, p, w, shuffles) if orders else (float("nan"), 0)
+            mark = "" if reached >= base.best_value - 1e-12 else f" (stopped the best; reached {reached:.4f})"
+            print(f"{p:>18} {w:>7} {whole:>11.2f}x {to_best:>10.2f}x {ratio:>8.2f}x {lost:>5}/{orders:<6}{mark}")
     print(flush=True)
 
 
 def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
-                  orders: int) -> None:
+                  orders: int, warmup: int, replay_warmups: list[int]) -> None:
     from concurrent.futures import ThreadPoolExecutor
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
     arms = ["none", *pruners]
-    print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, {jobs} arm(s) at a "
-          f"time, runs in {tmp}", flush=True)
+    print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, warm-up {warmup}, "
+          f"{jobs} arm(s) at a time, runs in {tmp}", flush=True)
     with ThreadPoolExecutor(jobs) as pool:  # each arm is its own process; epoch counts do not depend on load
-        studies = dict(zip(arms, pool.map(lambda p: _run(p, n_trials, epochs, tmp, quick, seed), arms)))
-    report_pruning(studies, orders, seed)
+        studies = dict(zip(arms, pool.map(lambda p: _run(p, n_trials, epochs, tmp, quick, seed, warmup), arms)))
+    report_pruning(studies, orders, seed, warmup, replay_warmups)
 
 
 def main() -> None:
@@ -241,6 +263,9 @@ def main() -> None:
     ap.add_argument("--prune-jobs", type=int, default=1, help="arms run side by side (one core each)")
     ap.add_argument("--prune-orders", type=int, default=200,
                     help="shuffled orders of the measured no-pruner curves replayed through each pruner")
+    ap.add_argument("--prune-warmup", type=int, default=2, help="cxr-automl search --prune-warmup of the arms")
+    ap.add_argument("--replay-warmups", default="2,4,6,8",
+                    help="warm-ups replayed over the measured no-pruner curves ('' for none)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     only = args.only or ["storage", "pruning", "slurm"]
@@ -248,7 +273,8 @@ def main() -> None:
         bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
     if "pruning" in only:
         bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed,
-                      args.prune_jobs, args.prune_orders)
+                      args.prune_jobs, args.prune_orders, args.prune_warmup,
+                      [int(w) for w in args.replay_warmups.split(",") if w])
     if "slurm" in only:
         bench_slurm(args.slurm_trials, args.slurm_train)
 

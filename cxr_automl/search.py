@@ -54,6 +54,7 @@ class SearchOptions:
     study_name: str
     sampler: str = "tpe"
     pruner: str = "median"
+    prune_warmup: int = 2
     seed: int = 0
     overrides: tuple[str, ...] = ()
     runs_root: Path = Path("runs")
@@ -71,10 +72,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return samplers[name]()
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
-               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=2),
-               "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=2),
+def make_pruner(name: str, warmup: int = 2) -> optuna.pruners.BasePruner:
+    """``warmup``: the first epoch (0-based) at which a trial may be stopped; the median pruner's
+    warm-up steps, the first rung of successive halving and hyperband."""
+    if warmup < 0:
+        raise ValueError(f"--prune-warmup {warmup}: use an epoch index >= 0")
+    rung = max(1, warmup)
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=rung),
+               "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=rung),
                "none": optuna.pruners.NopPruner}
     if name not in pruners:
         raise ValueError(f"unknown pruner {name!r}; use one of {', '.join(pruners)}")
@@ -162,10 +168,11 @@ def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
     study = storage_mod.retry(lambda: optuna.create_study(
         storage=storage, study_name=opts.study_name, load_if_exists=True, direction=opts.space.direction,
-        sampler=make_sampler(opts.sampler, opts.seed), pruner=make_pruner(opts.pruner)), opts.storage)
+        sampler=make_sampler(opts.sampler, opts.seed), pruner=make_pruner(opts.pruner, opts.prune_warmup)),
+        opts.storage)
     for key, value in {"search_space": str(Path(opts.space.path).resolve()) if opts.space.path else None,
                        "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,
-                       "pruner": opts.pruner, "seed": opts.seed, "overrides": list(opts.overrides),
+                       "pruner": opts.pruner, "prune_warmup": opts.prune_warmup, "seed": opts.seed, "overrides": list(opts.overrides),
                        "runs_root": str(Path(opts.runs_root).resolve())}.items():
         study.set_user_attr(key, value)
     enqueue_baselines(study, opts)
@@ -186,7 +193,8 @@ def options_from_study(study_name: str, storage: optuna.storages.BaseStorage, sp
         raise ValueError(f"study {study_name!r} in {spec} was not created by cxr-automl search; pass --search-space")
     return SearchOptions(space=searchspace.load(space_ref), n_trials=int(attrs["n_trials"]), storage=spec,
                          study_name=study_name, sampler=attrs.get("sampler", "tpe"),
-                         pruner=attrs.get("pruner", "median"), seed=int(attrs.get("seed", 0)),
+                         pruner=attrs.get("pruner", "median"), prune_warmup=int(attrs.get("prune_warmup", 2)),
+                         seed=int(attrs.get("seed", 0)),
                          overrides=(*attrs.get("overrides", ()), *overrides),
                          runs_root=Path(attrs.get("runs_root", "runs")))
 
@@ -215,7 +223,7 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     study = storage_mod.retry(lambda: optuna.load_study(
         study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
-        pruner=make_pruner(opts.pruner)), opts.storage)
+        pruner=make_pruner(opts.pruner, opts.prune_warmup)), opts.storage)
     me = workers.identity()
     interval = getattr(storage, "get_heartbeat_interval", lambda: None)() or storage_mod.HEARTBEAT_INTERVAL
     presence = workers.Presence(study, me, interval, getattr(storage, "grace_period", None) or storage_mod.GRACE_PERIOD)

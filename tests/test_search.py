@@ -122,3 +122,40 @@ def test_shipped_spft_space_loads():
     space = searchspace.load("spft")
     assert {"strategy.unfreeze_k", "strategy.ema_decay", "strategy.weight_refine_rate",
             "strategy.lr_backbone", "strategy.lr_head"} <= set(space.params)
+
+
+@pytest.mark.parametrize("name", ["median", "successive_halving", "hyperband"])
+def test_prune_warmup_is_the_first_epoch_a_trial_can_be_stopped(name):
+    """A trial far below finished ones is kept before epoch ``warmup`` and stopped at it (hyperband:
+    at its bracket's first rung, ``warmup`` or later)."""
+    from cxr_automl.search import make_pruner
+    warmup = 4
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(name, warmup), study_name="warmup",
+                                sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(3 if name != "hyperband" else 30):
+        t = study.ask()
+        for step in range(12):
+            t.report(0.9, step)
+            t.should_prune()  # successive halving records its rungs here
+        study.tell(t, 0.9)
+    bad = study.ask()
+    stopped_at = None
+    for step in range(12):
+        bad.report(0.1, step)
+        if bad.should_prune():
+            stopped_at = step
+            break
+    assert stopped_at == warmup if name != "hyperband" else stopped_at is not None and stopped_at >= warmup
+
+
+def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp):
+    from cxr_automl import search, storage
+    (in_tmp / "space.yaml").write_text(SPACE)
+    url = f"journal:{in_tmp / 'study.log'}"
+    run_cli("search", "-s", "space.yaml", "--study", "w", "-n", "2", "--prune-warmup", "6", "--launcher", "none",
+            "--storage", url, *TINY, cwd=in_tmp)
+    opts = search.options_from_study("w", storage.open_storage(url), url)
+    assert (opts.pruner, opts.prune_warmup) == ("median", 6)
+    proc = run_cli("search", "-s", "space.yaml", "--prune-warmup", "-1", *TINY, cwd=in_tmp, check=False)
+    assert proc.returncode != 0 and "--prune-warmup -1: use an epoch index >= 0" in proc.stderr + proc.stdout

@@ -237,8 +237,10 @@ def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, war
 
 
 def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
-                  orders: int, warmup: int, replay_warmups: list[int]) -> None:
+                  orders: int, warmup: int | str, replay_warmups: list[int]) -> None:
     from concurrent.futures import ThreadPoolExecutor
+    from cxr_automl import search, searchspace
+    warmup = search.resolve_prune_warmup(str(warmup), searchspace.load("spft"), (f"strategy.epochs={epochs}",))
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
     arms = ["none", *pruners]
     print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, warm-up {warmup}, "
@@ -256,14 +258,14 @@ def main() -> None:
     ap.add_argument("--storage-seconds", type=float, default=5.0)
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--prune-trials", type=int, default=20)
-    ap.add_argument("--prune-epochs", type=int, default=12)
+    ap.add_argument("--prune-epochs", type=int, default=24, help="epochs per trial (the SPFT paper trains up to 50)")
     ap.add_argument("--pruners", default="median", help="compared with none, comma-separated")
     ap.add_argument("--prune-quick", action="store_true", help="small images and data instead of the default")
     ap.add_argument("--prune-seed", type=int, default=3, help="random-sampler seed (the recipes every arm sees)")
     ap.add_argument("--prune-jobs", type=int, default=1, help="arms run side by side (one core each)")
     ap.add_argument("--prune-orders", type=int, default=200,
                     help="shuffled orders of the measured no-pruner curves replayed through each pruner")
-    ap.add_argument("--prune-warmup", type=int, default=2, help="cxr-automl search --prune-warmup of the arms")
+    ap.add_argument("--prune-warmup", default="auto", help="cxr-automl search --prune-warmup of the arms")
     ap.add_argument("--replay-warmups", default="2,4,6,8",
                     help="warm-ups replayed over the measured no-pruner curves ('' for none)")
     args = ap.parse_args()

@@ -103,10 +103,10 @@ def search(ctx: typer.Context,
            study: Optional[str] = typer.Option(None, "--study", help="Study name; default: the search space name."),
            sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes"),
            pruner: str = typer.Option("median", "--pruner", help="median | hyperband | successive_halving | none"),
-           prune_warmup: int = typer.Option(2, "--prune-warmup",
-                                            help="First epoch (0-based) at which a trial may be pruned. Raise it "
-                                                 "when good recipes dip before they climb, e.g. SPFT with deep "
-                                                 "unfreezing (see README, Benchmarks)."),
+           prune_warmup: str = typer.Option("auto", "--prune-warmup",
+                                            help="First epoch (0-based) at which a trial may be pruned; auto = a "
+                                                 "quarter of strategy.epochs, at least 2. Good SPFT recipes often "
+                                                 "dip before they climb (README, Benchmarks)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
@@ -142,8 +142,9 @@ def search(ctx: typer.Context,
         url = storage or storage_mod.default_spec(runs_root, workers)
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
-                                        prune_warmup=prune_warmup, seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
-        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, prune_warmup)
+                                        prune_warmup=search_mod.resolve_prune_warmup(
+                                            prune_warmup, space, tuple(ctx.args)), seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
+        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, opts.prune_warmup)
     except (*_user_errors(), ValueError) as exc:
         raise _fail(str(exc))
     try:

@@ -72,6 +72,19 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return samplers[name]()
 
 
+def resolve_prune_warmup(value: str, space: SearchSpace, overrides: tuple[str, ...] = ()) -> int:
+    """``auto``: a quarter of the trial's ``strategy.epochs``, at least 2 (2 when the strategy has no
+    fixed epoch count). Judging earlier stops the recipes that dip before they climb — SPFT with deep
+    unfreezing and a high backbone LR was the best recipe and among the worst at epoch 3 (bench/scale.py)."""
+    if value != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"--prune-warmup {value!r}: use auto or an epoch index >= 0") from None
+    epochs = config_mod.compose([*space.overrides, *overrides]).get("strategy", {}).get("epochs")
+    return max(2, round(int(epochs) / 4)) if isinstance(epochs, int) else 2
+
+
 def make_pruner(name: str, warmup: int = 2) -> optuna.pruners.BasePruner:
     """``warmup``: the first epoch (0-based) at which a trial may be stopped; the median pruner's
     warm-up steps, the first rung of successive halving and hyperband."""

@@ -157,5 +157,8 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
             "--storage", url, *TINY, cwd=in_tmp)
     opts = search.options_from_study("w", storage.open_storage(url), url)
     assert (opts.pruner, opts.prune_warmup) == ("median", 6)
+    space = searchspace.load(str(in_tmp / "space.yaml"))
+    assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=24",)) == 6  # a quarter of the epochs
+    assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=4",)) == 2   # at least 2
     proc = run_cli("search", "-s", "space.yaml", "--prune-warmup", "-1", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode != 0 and "--prune-warmup -1: use an epoch index >= 0" in proc.stderr + proc.stdout

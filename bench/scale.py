@@ -8,8 +8,11 @@
 - storage: ask/tell throughput (trials/s, summed over clients) of the journal file, SQLite and
            PostgreSQL (CXR_TEST_POSTGRES_URL, default the one .ci/services.sh starts), 1-8 clients.
 - pruning: epochs spent to reach the same best value without vs with a pruner (median by default), on
-           the embedded default search (spft space, synthetic_cxr, resnet_tiny; same random-sampler seed,
-           so every arm sees the same recipes in the same order).
+           the embedded default search (spft space, synthetic_cxr, resnet_tiny; 24-epoch trials; same
+           random-sampler seed, so every arm sees the same recipes in the same order). Then each pruner
+           is replayed over the measured no-pruner learning curves: in the measured order (a check: it
+           must give the real arm's epochs), over shuffled orders (where the best recipe falls is luck)
+           and at other warm-ups.
 """
 
 from __future__ import annotations
@@ -121,8 +124,7 @@ def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: 
     log = tmp / f"{pruner}.log"
     cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{log}",
         "--pruner", pruner, "--prune-warmup", str(warmup), "--sampler", "random", "--seed", str(seed),
-        f"strategy.epochs={epochs}",
-        "strategy.patience=1000", cwd=tmp)
+        f"strategy.epochs={epochs}", "strategy.patience=1000", cwd=tmp)
     return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(log))))
 

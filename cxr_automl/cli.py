@@ -106,7 +106,7 @@ def search(ctx: typer.Context,
            prune_warmup: str = typer.Option("auto", "--prune-warmup",
                                             help="First epoch (0-based) at which a trial may be pruned; auto = a "
                                                  "quarter of strategy.epochs, at least 2. Good SPFT recipes often "
-                                                 "dip before they climb (README, Benchmarks)."),
+                                                 "dip before they climb (README: Pruning)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "

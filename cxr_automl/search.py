@@ -128,10 +128,26 @@ def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
         return False
 
 
+def fresh_run_dir(run_dir: Path) -> Path:
+    """A new trial's run dir must not hold a run already: that is another study's trial of the same name
+    and number (its storage deleted or replaced), and resuming its checkpoint would train — or simply
+    report — a different recipe. Move it aside (never delete); every real resume passes
+    ``resume_run_dir`` instead."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        n = 1
+        while run_dir.with_name(f"{run_dir.name}.stale{n}").exists():
+            n += 1
+        aside = run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale{n}"))
+        log.warning("%s held a run this study did not start (same study name in another storage?); "
+                    "moved it to %s and starting fresh", run_dir, aside.name)
+    return run_dir
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, opts: SearchOptions, progress: Progress) -> None:
     params = {k: trial.params[k] for k in opts.space.params}
     resume_dir = trial.user_attrs.get("resume_run_dir")
-    run_dir = Path(resume_dir) if resume_dir else opts.runs_root / opts.study_name / f"trial_{trial.number:04d}"
+    run_dir = Path(resume_dir) if resume_dir else \
+        fresh_run_dir(opts.runs_root / opts.study_name / f"trial_{trial.number:04d}")
     trial.set_user_attr("run_dir", str(run_dir))
     try:
         cfg = config_mod.compose(trial_overrides(opts, params))

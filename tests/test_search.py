@@ -162,3 +162,17 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
     assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=4",)) == 2   # at least 2
     proc = run_cli("search", "-s", "space.yaml", "--prune-warmup", "-1", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode != 0 and "--prune-warmup -1: use an epoch index >= 0" in proc.stderr + proc.stdout
+
+
+def test_a_new_study_never_resumes_another_studys_run_dir(in_tmp):
+    """Same study name, storage deleted: trial 0 trains from scratch and the old run is moved aside whole."""
+    (in_tmp / "space.yaml").write_text(SPACE)
+    args = ["search", "-s", "space.yaml", "--study", "s", "-n", "1", "--pruner", "none", *TINY]
+    run_cli(*args, cwd=in_tmp)
+    old = (in_tmp / "runs/s/trial_0000/metrics.jsonl").read_text()
+    (in_tmp / "runs/cxr-automl.db").unlink()
+    proc = run_cli(*args, cwd=in_tmp)
+    assert "moved it to trial_0000.stale1" in proc.stdout + proc.stderr
+    assert (in_tmp / "runs/s/trial_0000.stale1/metrics.jsonl").read_text() == old
+    trial = _study(in_tmp).trials[0]
+    assert trial.state == TrialState.COMPLETE and len(trial.intermediate_values) == 3  # all of TINY's epochs

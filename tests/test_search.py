@@ -70,8 +70,10 @@ def test_nan_trial_fails_with_reason_and_study_goes_on(in_tmp):
 
 def test_ctrl_c_marks_trial_failed_and_rerun_resumes_it(in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
+    # 30 short epochs per trial: wide enough that Ctrl-C lands mid-search even when the machine is busy
+    # (with 6, a loaded CI run once finished both trials before the signal was sent)
     args = ["search", "-s", "space.yaml", "--study", "s", "-n", "2", "--pruner", "none", *TINY,
-            "strategy.epochs=6", "trainer.progress=false"]
+            "strategy.epochs=30", "strategy.patience=1000", "trainer.progress=false"]
     proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     ckpt = in_tmp / "runs/s/trial_0000/metrics.jsonl"
@@ -93,7 +95,7 @@ def test_ctrl_c_marks_trial_failed_and_rerun_resumes_it(in_tmp):
     resumed = resumed[0]
     assert resumed.params == trials[0].params
     epochs = [line for line in open(in_tmp / "runs/s/trial_0000/metrics.jsonl")]
-    assert len(epochs) == 6  # no epoch ran twice
+    assert len(epochs) == 30  # no epoch ran twice
 
 
 @pytest.mark.parametrize("line, expected", [

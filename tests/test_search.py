@@ -70,12 +70,14 @@ def test_nan_trial_fails_with_reason_and_study_goes_on(in_tmp):
 
 def test_ctrl_c_marks_trial_failed_and_rerun_resumes_it(in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
-    # 30 short epochs per trial: wide enough that Ctrl-C lands mid-search even when the machine is busy
-    # (with 6, a loaded CI run once finished both trials before the signal was sent)
+    # 30 short epochs per trial, so Ctrl-C lands mid-search even on a busy machine
     args = ["search", "-s", "space.yaml", "--study", "s", "-n", "2", "--pruner", "none", *TINY,
             "strategy.epochs=30", "strategy.patience=1000", "trainer.progress=false"]
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = in_tmp / "runs/s/trial_0000/metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpt.exists() and len(ckpt.read_text().splitlines()) >= 2):

@@ -129,12 +129,14 @@ def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: 
         optuna.storages.journal.JournalFileBackend(str(log))))
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 Curve = tuple[list[tuple[int, float]], float]  # (step, value) per epoch, final value
 
 
-def _curves(study: optuna.Study) -> list[Curve]:
-    return [(sorted(t.intermediate_values.items()), t.value)
-            for t in sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)]
+def _curves(study: optuna.Study, states: tuple[TrialState, ...] = (TrialState.COMPLETE,)) -> list[Curve]:
+    """Per trial in number order: its (step, value) curve and final value (None if it did not complete)."""
+    return [(sorted(t.intermediate_values.items()), t.value if t.state == TrialState.COMPLETE else None)
+            for t in sorted(study.get_trials(states=states), key=lambda t: t.number)]
 
 
 def _replay(curves: list[Curve], pruner: str, study_name: str, warmup: int) -> list[Curve | None]:
@@ -166,12 +168,6 @@ def _to_target(seen: list[tuple[list, float | None]], target: float) -> int | No
         if value is not None and value >= target - 1e-12:
             return spent
     return None
-
-
-def _as_seen(study: optuna.Study) -> list[tuple[list, float | None]]:
-    trials = sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)), key=lambda t: t.number)
-    return [(list(t.intermediate_values.items()), t.value if t.state == TrialState.COMPLETE else None)
-            for t in trials]
 
 
 def _shuffled(curves: list[Curve], pruner: str, warmup: int, orders: list[list[Curve]]) -> tuple[float, int]:
@@ -211,7 +207,7 @@ def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, war
     for p in pruners:
         s = studies[p]
         common = min(base.best_value, s.best_value)
-        with_p, without = _to_target(_as_seen(s), common), _to_target(_as_seen(base), common)
+        with_p, without = _to_target(_curves(s, FINISHED), common), _to_target(_curves(base, FINISHED), common)
         print(f"pruning saving {p:>18} (warm-up {warmup}): {without}/{with_p} = {without / with_p:.2f}x fewer epochs "
               f"to reach {common:.4f} (best without {base.best_value:.4f}); {spent['none'] / spent[p]:.2f}x fewer "
               "for the whole search (target >= 2x)")

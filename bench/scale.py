@@ -12,7 +12,9 @@
            random-sampler seed, so every arm sees the same recipes in the same order). Then each pruner
            is replayed over the measured no-pruner learning curves: in the measured order (a check: it
            must give the real arm's epochs), over shuffled orders (where the best recipe falls is luck)
-           and at other warm-ups.
+           and at other warm-ups, next to the ceiling: an oracle that knows every final value and stops
+           each trial but the baselines and the best as soon as the warm-up allows.
+           --prune-from DIR... reports earlier runs again without training (and pools their curves).
 """
 
 from __future__ import annotations
@@ -170,28 +172,65 @@ def _to_target(seen: list[tuple[list, float | None]], target: float) -> int | No
     return None
 
 
-def _shuffled(curves: list[Curve], pruner: str, warmup: int, orders: list[list[Curve]]) -> tuple[float, int]:
-    """Mean epochs to the same best without / with ``pruner`` over shuffled orders, and how often the
-    pruner stopped the best recipe."""
+def _oracle(curves: list[Curve], n_fixed: int, warmup: int, best: float) -> list[Curve | None]:
+    """The ceiling of any pruner at this warm-up: one that knew every final value and stopped each trial
+    but the baselines and the best recipe as soon as it was allowed to (after ``warmup`` + 1 epochs)."""
+    return [(steps, value) if i < n_fixed or value >= best - 1e-12 else (steps[:warmup + 1], None)
+            for i, (steps, value) in enumerate(curves)]
+
+
+def _replay_row(curves: list[Curve], n_fixed: int, pruner: str, warmup: int,
+                shuffles: list[list[Curve]]) -> tuple[float, float, float, int, float]:
+    """Whole-search and to-the-best ratios in the measured order, the mean over ``shuffles`` and how
+    often the best recipe was stopped, and the best value reached in the measured order."""
     best = max(v for _, v in curves)
+    run = (lambda c: _oracle(c, n_fixed, warmup, best)) if pruner == "oracle" else (
+        lambda c: _replay(c, pruner, pruner, warmup))
+    seen = run(curves)
+    reached = max(v for _, v in seen if v is not None)
+    target = min(reached, best)
+    whole = sum(len(steps) for steps, _ in curves) / sum(len(steps) for steps, _ in seen)
+    to_best = _to_target(list(curves), target) / _to_target(seen, target)
     tot_without = tot_with = lost = 0
-    for order in orders:
-        seen = _replay(order, pruner, pruner, warmup)
-        reached = max(v for _, v in seen if v is not None)
-        lost += reached < best - 1e-12
-        target = min(best, reached)
-        tot_without += _to_target(list(order), target)
-        tot_with += _to_target(seen, target)
-    return tot_without / tot_with, lost
+    for order in shuffles:
+        seen = run(order)
+        got = max(v for _, v in seen if v is not None)
+        lost += got < best - 1e-12
+        tot_without += _to_target(list(order), min(best, got))
+        tot_with += _to_target(seen, min(best, got))
+    return whole, to_best, tot_without / tot_with if shuffles else float("nan"), lost, reached
 
 
-def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, warmup: int,
-                   replay_warmups: list[int]) -> None:
-    """Each pruner against no pruner, measured; then the same pruners replayed over the measured
-    no-pruner curves: in the measured order (must equal the real arm), over shuffled orders, and with
-    other warm-ups. "The same best value" is the lower of the two searches' bests, so a pruner that
-    stopped the eventual winner is charged until it found something as good."""
+def replay_table(curves: list[Curve], n_fixed: int, pruners: list[str], warmups: list[int], orders: int,
+                 seed: int) -> None:
+    """Each pruner replayed over measured no-pruner curves (baselines first, then the rest shuffled), and
+    the oracle ceiling next to it."""
     import random
+    shuffles = [curves[:n_fixed] + random.Random(seed + i).sample(curves[n_fixed:], len(curves) - n_fixed)
+                for i in range(orders)]
+    best = max(v for _, v in curves)
+    print(f"replayed over the measured no-pruner curves ({len(curves)} trials, {n_fixed} baselines first; "
+          f"shuffled: {orders} orders); 'oracle' knows every final value (the ceiling at that warm-up):")
+    print(f"{'pruner':>18} {'warm-up':>7} {'whole search':>12} {'to the best':>11} {'shuffled':>9} "
+          f"{'best stopped':>12}")
+    for w in warmups:
+        for p in [*pruners, "oracle"]:
+            whole, to_best, ratio, lost, reached = _replay_row(curves, n_fixed, p, w, shuffles)
+            mark = "" if reached >= best - 1e-12 else f" (stopped the best; reached {reached:.4f})"
+            print(f"{p:>18} {w:>7} {whole:>11.2f}x {to_best:>10.2f}x {ratio:>8.2f}x {lost:>5}/{orders:<6}{mark}")
+    print(flush=True)
+
+
+def _n_fixed(study: optuna.Study) -> int:
+    return sum(1 for t in study.trials if t.system_attrs.get("fixed_params"))  # enqueued baselines run first
+
+
+def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, replay_warmups: list[int]) -> None:
+    """Each pruner arm against no pruner, measured; then the arm's pruner replayed over the measured
+    no-pruner curves in the measured order (must equal the real arm), and a table of every pruner
+    replayed over shuffled orders and other warm-ups. Each arm's pruner and warm-up are read from its
+    study. "The same best value" is the lower of the two searches' bests, so a pruner that stopped the
+    eventual winner is charged until it found something as good."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = studies["none"]
     spent = {p: sum(len(t.intermediate_values) for t in s.trials) for p, s in studies.items()}
@@ -200,38 +239,50 @@ def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, war
         print(f"pruning {p:>18}: best {s.best_value:.4f}, {pruned:2d}/{len(s.trials)} pruned, "
               f"{spent[p]:3d} epochs in all")
     curves = _curves(base)
-    n_fixed = sum(1 for t in base.trials if t.system_attrs.get("fixed_params"))  # enqueued baselines run first
-    shuffles = [curves[:n_fixed] + random.Random(seed + i).sample(curves[n_fixed:], len(curves) - n_fixed)
-                for i in range(orders)]
-    pruners = [p for p in studies if p != "none"]
-    for p in pruners:
-        s = studies[p]
+    arms = {label: (s.user_attrs["pruner"], int(s.user_attrs.get("prune_warmup", 2)))
+            for label, s in studies.items() if label != "none"}
+    for label, (pruner, warmup) in arms.items():
+        s = studies[label]
         common = min(base.best_value, s.best_value)
         with_p, without = _to_target(_curves(s, FINISHED), common), _to_target(_curves(base, FINISHED), common)
-        print(f"pruning saving {p:>18} (warm-up {warmup}): {without}/{with_p} = {without / with_p:.2f}x fewer epochs "
-              f"to reach {common:.4f} (best without {base.best_value:.4f}); {spent['none'] / spent[p]:.2f}x fewer "
-              "for the whole search (target >= 2x)")
-        replayed = sum(len(steps) for steps, _ in _replay(curves, p, p, warmup))
+        print(f"pruning saving {pruner:>18} (warm-up {warmup}): {without}/{with_p} = {without / with_p:.2f}x fewer "
+              f"epochs to reach {common:.4f} (best without {base.best_value:.4f}); "
+              f"{spent['none'] / spent[label]:.2f}x fewer for the whole search (target >= 2x)")
+        replayed = sum(len(steps) for steps, _ in _replay(curves, pruner, pruner, warmup))
         print(f"  replay check: the measured curves fed to the pruner in the measured order give {replayed} "
-              f"epochs ({'same as' if replayed == spent[p] else 'DIFFERENT from'} the real arm)")
-    if not replay_warmups:
-        print(flush=True)
-        return
-    print(f"replayed over the measured no-pruner curves ({len(curves)} trials; shuffled: {orders} orders, "
-          "baselines first):")
-    print(f"{'pruner':>18} {'warm-up':>7} {'whole search':>12} {'to the best':>11} {'shuffled':>9} "
-          f"{'best stopped':>12}")
-    for p in pruners:
-        for w in replay_warmups:
-            seen = _replay(curves, p, p, w)
-            reached = max(v for _, v in seen if v is not None)
-            target = min(reached, base.best_value)
-            whole = spent["none"] / sum(len(steps) for steps, _ in seen)
-            to_best = _to_target(list(curves), target) / _to_target(seen, target)
-            ratio, lost = _shuffled(curves, p, w, shuffles) if orders else (float("nan"), 0)
-            mark = "" if reached >= base.best_value - 1e-12 else f" (stopped the best; reached {reached:.4f})"
-            print(f"{p:>18} {w:>7} {whole:>11.2f}x {to_best:>10.2f}x {ratio:>8.2f}x {lost:>5}/{orders:<6}{mark}")
-    print(flush=True)
+              f"epochs ({'same as' if replayed == spent[label] else 'DIFFERENT from'} the real arm)")
+    if replay_warmups:
+        replay_table(curves, _n_fixed(base), sorted({p for p, _ in arms.values()}), replay_warmups, orders, seed)
+
+
+def load_arms(run_dir: Path) -> dict[str, optuna.Study]:
+    """The arms of an earlier pruning run (one journal, one study per arm; labelled by file name), ``none`` first."""
+    logs = sorted(run_dir.glob("*.log"), key=lambda f: (f.stem != "none", f.stem))
+    if not logs or logs[0].stem != "none":
+        raise SystemExit(f"{run_dir}: no none.log (pass a directory an earlier pruning run printed)")
+    return {f.stem: optuna.load_study(study_name=None, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(f)))) for f in logs}
+
+
+def report_from(run_dirs: list[Path], orders: int, seed: int, replay_warmups: list[int]) -> None:
+    """Report earlier runs again without training; with several runs (different sampler seeds, so
+    different recipes), also replay over their no-pruner curves pooled: baselines once, then every
+    sampled recipe, as one longer search."""
+    pooled: list[Curve] = []
+    pruners: list[str] = []
+    n_fixed = 0
+    for d in run_dirs:
+        print(f"pruning run {d}:")
+        arms = load_arms(d)
+        report_pruning(arms, orders, seed, replay_warmups)
+        n_fixed = _n_fixed(arms["none"])
+        curves = _curves(arms["none"])
+        pooled = pooled or curves[:n_fixed]
+        pooled += curves[n_fixed:]
+        pruners = pruners or sorted({s.user_attrs["pruner"] for p, s in arms.items() if p != "none"})
+    if len(run_dirs) > 1 and replay_warmups:
+        print("pooled runs:")
+        replay_table(pooled, n_fixed, pruners, replay_warmups, orders, seed)
 
 
 def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
@@ -245,7 +296,7 @@ def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, s
           f"{jobs} arm(s) at a time, runs in {tmp}", flush=True)
     with ThreadPoolExecutor(jobs) as pool:  # each arm is its own process; epoch counts do not depend on load
         studies = dict(zip(arms, pool.map(lambda p: _run(p, n_trials, epochs, tmp, quick, seed, warmup), arms)))
-    report_pruning(studies, orders, seed, warmup, replay_warmups)
+    report_pruning(studies, orders, seed, replay_warmups)
 
 
 def main() -> None:
@@ -266,12 +317,17 @@ def main() -> None:
     ap.add_argument("--prune-warmup", default="auto", help="cxr-automl search --prune-warmup of the arms")
     ap.add_argument("--replay-warmups", default="2,4,6,8",
                     help="warm-ups replayed over the measured no-pruner curves ('' for none)")
+    ap.add_argument("--prune-from", type=Path, nargs="+", metavar="DIR",
+                    help="report earlier pruning runs again (the directories they printed) instead of training")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     only = args.only or ["storage", "pruning", "slurm"]
     if "storage" in only:
         bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
-    if "pruning" in only:
+    if "pruning" in only and args.prune_from:
+        report_from(args.prune_from, args.prune_orders, args.prune_seed,
+                    [int(w) for w in args.replay_warmups.split(",") if w])
+    elif "pruning" in only:
         bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed,
                       args.prune_jobs, args.prune_orders, args.prune_warmup,
                       [int(w) for w in args.replay_warmups.split(",") if w])

@@ -97,11 +97,20 @@ def run_one(backbone: str, head: str, extra: list[str], steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ overhead
-def bare_step_factory(head: str, backbone_name: str, size: int, batch: dict, num_classes: int, width: int):
-    """The same step with the libraries called directly (no CXRModel, InputAdapter, target checks)."""
+def bare_features(backbone_name: str, ours: torch.nn.Module) -> torch.nn.Module:
+    """timm's ``features_only`` model of the same backbone: by timm name, or (a variant timm has no name
+    for, such as ``resnet_tiny``) timm's feature wrapper around a copy of our network."""
+    import copy
+
     import timm
+    if timm.is_model(backbone_name):
+        return timm.create_model(backbone_name, features_only=True, pretrained=False)
+    return timm.models.FeatureListNet(copy.deepcopy(ours))
+
+
+def bare_step_factory(head: str, net: torch.nn.Module, size: int, batch: dict, num_classes: int, width: int):
+    """The same step with the libraries called directly (no CXRModel, InputAdapter, target checks)."""
     import torch.nn.functional as F
-    net = timm.create_model(backbone_name, features_only=True, pretrained=False)
     chans = net.feature_info.channels()
     images = batch["image"].expand(-1, 3, -1, -1).contiguous()
     if images.shape[-1] != size:
@@ -167,7 +176,8 @@ def overhead(backbone: str, extra: list[str], steps: int, repeats: int) -> list[
         opt = torch.optim.AdamW(strategy.param_groups(model))
         timm_name = model.backbone.net.default_cfg.get("architecture", backbone) \
             if hasattr(model.backbone.net, "default_cfg") else backbone
-        bare = bare_step_factory(head, timm_name, size, batch, model.head.num_classes, 128)
+        bare = bare_step_factory(head, bare_features(timm_name, model.backbone.net), size, batch,
+                                 model.head.num_classes, 128)
         one_step(model, strategy, opt, batch), bare()  # warm-up both
         ours, ref = [], []
         for _ in range(repeats):  # alternate so machine load hits both alike

@@ -225,9 +225,10 @@ def _n_fixed(study: optuna.Study) -> int:
     return sum(1 for t in study.trials if t.system_attrs.get("fixed_params"))  # enqueued baselines run first
 
 
-def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, replay_warmups: list[int]) -> None:
+def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders: int, seed: int,
+                   replay_warmups: list[int]) -> None:
     """Each pruner arm against no pruner, measured; then the arm's pruner replayed over the measured
-    no-pruner curves in the measured order (must equal the real arm), and a table of every pruner
+    no-pruner curves in the measured order (must equal the real arm), and a table of ``pruners``
     replayed over shuffled orders and other warm-ups. Each arm's pruner and warm-up are read from its
     study. "The same best value" is the lower of the two searches' bests, so a pruner that stopped the
     eventual winner is charged until it found something as good."""
@@ -252,7 +253,7 @@ def report_pruning(studies: dict[str, optuna.Study], orders: int, seed: int, rep
         print(f"  replay check: the measured curves fed to the pruner in the measured order give {replayed} "
               f"epochs ({'same as' if replayed == spent[label] else 'DIFFERENT from'} the real arm)")
     if replay_warmups:
-        replay_table(curves, _n_fixed(base), sorted({p for p, _ in arms.values()}), replay_warmups, orders, seed)
+        replay_table(curves, _n_fixed(base), pruners, replay_warmups, orders, seed)
 
 
 def load_arms(run_dir: Path) -> dict[str, optuna.Study]:
@@ -264,39 +265,37 @@ def load_arms(run_dir: Path) -> dict[str, optuna.Study]:
         optuna.storages.journal.JournalFileBackend(str(f)))) for f in logs}
 
 
-def report_from(run_dirs: list[Path], orders: int, seed: int, replay_warmups: list[int]) -> None:
+def report_from(run_dirs: list[Path], pruners: list[str], orders: int, seed: int, replay_warmups: list[int]) -> None:
     """Report earlier runs again without training; with several runs (different sampler seeds, so
     different recipes), also replay over their no-pruner curves pooled: baselines once, then every
     sampled recipe, as one longer search."""
     pooled: list[Curve] = []
-    pruners: list[str] = []
     n_fixed = 0
     for d in run_dirs:
         print(f"pruning run {d}:")
         arms = load_arms(d)
-        report_pruning(arms, orders, seed, replay_warmups)
+        report_pruning(arms, pruners, orders, seed, replay_warmups)
         n_fixed = _n_fixed(arms["none"])
         curves = _curves(arms["none"])
         pooled = pooled or curves[:n_fixed]
         pooled += curves[n_fixed:]
-        pruners = pruners or sorted({s.user_attrs["pruner"] for p, s in arms.items() if p != "none"})
     if len(run_dirs) > 1 and replay_warmups:
         print("pooled runs:")
         replay_table(pooled, n_fixed, pruners, replay_warmups, orders, seed)
 
 
 def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
-                  orders: int, warmup: int | str, replay_warmups: list[int]) -> None:
+                  orders: int, warmup: int | str, replay_warmups: list[int], replay_only: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
     from cxr_automl import search, searchspace
     warmup = search.resolve_prune_warmup(str(warmup), searchspace.load("spft"), (f"strategy.epochs={epochs}",))
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
-    arms = ["none", *pruners]
+    arms = ["none"] if replay_only else ["none", *pruners]
     print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, warm-up {warmup}, "
           f"{jobs} arm(s) at a time, runs in {tmp}", flush=True)
     with ThreadPoolExecutor(jobs) as pool:  # each arm is its own process; epoch counts do not depend on load
         studies = dict(zip(arms, pool.map(lambda p: _run(p, n_trials, epochs, tmp, quick, seed, warmup), arms)))
-    report_pruning(studies, orders, seed, replay_warmups)
+    report_pruning(studies, pruners, orders, seed, replay_warmups)
 
 
 def main() -> None:
@@ -308,7 +307,10 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--prune-trials", type=int, default=20)
     ap.add_argument("--prune-epochs", type=int, default=24, help="epochs per trial (the SPFT paper trains up to 50)")
-    ap.add_argument("--pruners", default="median", help="compared with none, comma-separated")
+    ap.add_argument("--pruners", default="median,successive_halving", help="compared with none, comma-separated")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="run the no-pruner arm only; the pruners are replayed over its curves (exact for one "
+                         "worker and the random sampler: the replay check has matched every real arm)")
     ap.add_argument("--prune-quick", action="store_true", help="small images and data instead of the default")
     ap.add_argument("--prune-seed", type=int, default=3, help="random-sampler seed (the recipes every arm sees)")
     ap.add_argument("--prune-jobs", type=int, default=1, help="arms run side by side (one core each)")
@@ -325,12 +327,12 @@ def main() -> None:
     if "storage" in only:
         bench_storage(args.storage_seconds, tuple(int(c) for c in args.clients.split(",")))
     if "pruning" in only and args.prune_from:
-        report_from(args.prune_from, args.prune_orders, args.prune_seed,
+        report_from(args.prune_from, args.pruners.split(","), args.prune_orders, args.prune_seed,
                     [int(w) for w in args.replay_warmups.split(",") if w])
     elif "pruning" in only:
         bench_pruning(args.pruners.split(","), args.prune_trials, args.prune_epochs, args.prune_quick, args.prune_seed,
                       args.prune_jobs, args.prune_orders, args.prune_warmup,
-                      [int(w) for w in args.replay_warmups.split(",") if w])
+                      [int(w) for w in args.replay_warmups.split(",") if w], args.replay_only)
     if "slurm" in only:
         bench_slurm(args.slurm_trials, args.slurm_train)
 

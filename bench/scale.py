@@ -142,12 +142,12 @@ def _curves(study: optuna.Study, states: tuple[TrialState, ...] = (TrialState.CO
             for t in sorted(study.get_trials(states=states), key=lambda t: t.number)]
 
 
-def _replay(curves: list[Curve], pruner: str, study_name: str, warmup: int) -> list[Curve | None]:
+def _replay(curves: list[Curve], pruner: str, warmup: int) -> list[Curve | None]:
     """Feed recorded full learning curves, in order, to a fresh study with ``pruner`` (the same object
     ``cxr-automl search --pruner`` builds): what it would have run of each. Exact for one worker and the
     random sampler, whose recipes do not depend on what was pruned; checked against the real arms."""
     from cxr_automl.search import make_pruner
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, warmup), study_name=study_name)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, warmup))
     seen: list[Curve | None] = []
     for steps, value in curves:
         trial, ran = study.ask(), []
@@ -185,21 +185,19 @@ def _replay_row(curves: list[Curve], n_fixed: int, pruner: str, warmup: int,
     """Whole-search and to-the-best ratios in the measured order, the mean over ``shuffles`` and how
     often the best recipe was stopped, and the best value reached in the measured order."""
     best = max(v for _, v in curves)
-    run = (lambda c: _oracle(c, n_fixed, warmup, best)) if pruner == "oracle" else (
-        lambda c: _replay(c, pruner, pruner, warmup))
-    seen = run(curves)
-    reached = max(v for _, v in seen if v is not None)
-    target = min(reached, best)
-    whole = sum(len(steps) for steps, _ in curves) / sum(len(steps) for steps, _ in seen)
-    to_best = _to_target(list(curves), target) / _to_target(seen, target)
-    tot_without = tot_with = lost = 0
-    for order in shuffles:
-        seen = run(order)
+
+    def outcome(order: list[Curve]) -> tuple[int, int, float, int]:
+        """Epochs to the same best without / with the pruner, the best it reached, its epochs in all."""
+        seen = _oracle(order, n_fixed, warmup, best) if pruner == "oracle" else _replay(order, pruner, warmup)
         got = max(v for _, v in seen if v is not None)
-        lost += got < best - 1e-12
-        tot_without += _to_target(list(order), min(best, got))
-        tot_with += _to_target(seen, min(best, got))
-    return whole, to_best, tot_without / tot_with if shuffles else float("nan"), lost, reached
+        target = min(best, got)
+        return _to_target(order, target), _to_target(seen, target), got, sum(len(steps) for steps, _ in seen)
+
+    without, with_p, reached, spent = outcome(curves)
+    runs = [outcome(order) for order in shuffles]
+    lost = sum(got < best - 1e-12 for _, _, got, _ in runs)
+    ratio = sum(r[0] for r in runs) / sum(r[1] for r in runs) if runs else float("nan")
+    return sum(len(steps) for steps, _ in curves) / spent, without / with_p, ratio, lost, reached
 
 
 def replay_table(curves: list[Curve], n_fixed: int, pruners: list[str], warmups: list[int], orders: int,
@@ -250,7 +248,7 @@ def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders:
         print(f"pruning saving {pruner:>18} (warm-up {warmup}): {without}/{with_p} = {without / with_p:.2f}x fewer "
               f"epochs to reach {common:.4f} (best without {base.best_value:.4f}); "
               f"{spent['none'] / spent[label]:.2f}x fewer for the whole search (target >= 2x)")
-        replayed = sum(len(steps) for steps, _ in _replay(curves, pruner, pruner, warmup))
+        replayed = sum(len(steps) for steps, _ in _replay(curves, pruner, warmup))
         print(f"  replay check: the measured curves fed to the pruner in the measured order give {replayed} "
               f"epochs ({'same as' if replayed == spent[label] else 'DIFFERENT from'} the real arm)")
     if replay_warmups:

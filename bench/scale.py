@@ -233,7 +233,8 @@ def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders:
     eventual winner is charged until it found something as good."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = studies["none"]
-    spent = {p: sum(len(t.intermediate_values) for t in s.trials) for p, s in studies.items()}
+    from cxr_automl.summary import epochs_run
+    spent = {p: epochs_run(s.trials)[0] for p, s in studies.items()}
     for p, s in studies.items():
         pruned = len(s.get_trials(states=(TrialState.PRUNED,)))
         print(f"pruning {p:>18}: best {s.best_value:.4f}, {pruned:2d}/{len(s.trials)} pruned, "

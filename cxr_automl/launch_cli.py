@@ -15,6 +15,7 @@ from cxr_automl import launch
 from cxr_automl import search as search_mod
 from cxr_automl import storage as storage_mod
 from cxr_automl import workers
+from cxr_automl.summary import epochs_run
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
@@ -48,7 +49,8 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
     out: dict[str, Any] = {"study": name, "target": study.user_attrs.get("n_trials"), "states": counts,
                            "finished": counts["complete"] + counts["pruned"], "live_workers": sorted(live),
                            "workers": live,
-                           "stale_running": len(stale), "metric": study.user_attrs.get("metric")}
+                           "stale_running": len(stale), "metric": study.user_attrs.get("metric"),
+                           "epochs": dict(zip(("run", "all_to_end"), epochs_run(trials)))}
     try:
         best = study.best_trial
         out["best"] = {"number": best.number, "value": best.value, "params": best.params,
@@ -69,12 +71,12 @@ def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
         print(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title=f"studies in {spec}")
-    for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "live workers", "best"):
+    for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "epochs (to end)", "live workers", "best"):
         table.add_column(col, overflow="fold")
     for r in rows:
         s = r["states"]
         best = "-" if r["best"] is None else f"{r['best']['value']:.4f} (trial {r['best']['number']})"
         table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
-                      str(s["fail"]), str(s["pruned"]),
+                      str(s["fail"]), str(s["pruned"]), f"{r['epochs']['run']} ({r['epochs']['all_to_end']})",
                       "\n".join(f"{w} ({what})" for w, what in r["workers"].items()) or "-", best)
     Console().print(table)

@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.colors import qualitative
 
+from cxr_automl.summary import epochs_run
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -129,13 +131,14 @@ def _summary_table(studies: list[optuna.Study]) -> str:
         count = {st: sum(t.state == st for t in trials) for st in TrialState}
         best = _best(s)
         test = (best.user_attrs.get("metrics") or {}).get("test/macro_auc") if best else None
-        cells = [s.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.PRUNED]),
+        ran, to_end = epochs_run(trials)
+        cells = [s.study_name, str(count[TrialState.COMPLETE]), str(count[TrialState.PRUNED]), f"{ran} ({to_end})",
                  str(count[TrialState.FAIL]), "-" if best is None else f"{best.value:.4f} (#{best.number})",
                  "-" if test is None or (isinstance(test, float) and math.isnan(test)) else f"{test:.4f}",
                  "-" if best is None else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in best.params.items())]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("study", "complete", "pruned", "failed", "best", "test macro AUC", "best params"))
+    head = "".join(f"<th>{h}</th>" for h in ("study", "complete", "pruned", "epochs run (all to end)", "failed", "best", "test macro AUC", "best params"))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

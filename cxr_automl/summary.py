@@ -27,6 +27,16 @@ def _test_value(t: optuna.trial.FrozenTrial, key: str = "test/macro_auc") -> str
     return "" if value is None else f"{value:.4f}"
 
 
+def epochs_run(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
+    """Epochs the finished trials reached (one reported value per epoch) and what running every pruned
+    trial to the end would have cost, a pruned trial counted at the longest complete trial's length."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    length = {t.number: max(t.intermediate_values) + 1 for t in finished}
+    full = max((length[t.number] for t in finished if t.state == TrialState.COMPLETE), default=0)
+    ran = sum(length.values())
+    return ran, sum(max(length[t.number], full) if t.state == TrialState.PRUNED else length[t.number] for t in finished)
+
+
 def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> None:
     console = Console()
     trials = study.get_trials(deepcopy=False)
@@ -51,6 +61,10 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
         console.print(f"[yellow]trial {t.number} failed:[/yellow] {t.user_attrs['fail_reason']}")
     if not ranked:
         return
+    ran, to_end = epochs_run(trials)
+    if counts.get("pruned"):
+        console.print(f"pruning stopped {counts['pruned']} of {len(complete) + counts['pruned']} trials early: "
+                      f"{ran} epochs run instead of {to_end} ({to_end / max(ran, 1):.2f}x fewer)")
     best = ranked[0]
     base = {t.user_attrs["baseline"]: t for t in complete if "baseline" in t.user_attrs}
     for name, t in base.items():

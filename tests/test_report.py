@@ -104,3 +104,22 @@ def test_dashboard_serves_the_study_storage(in_tmp):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys):
+    """8 trials: 6 complete of 5 epochs, 2 pruned after 2 -> 34 epochs run, 40 had every trial run to the end."""
+    from cxr_automl import searchspace
+    from cxr_automl.search import SearchOptions
+    from cxr_automl.storage import open_storage
+    from cxr_automl.summary import print_summary
+    spec = f"journal:{in_tmp / 'studies.log'}"
+    storage = open_storage(spec)
+    _fill(storage, "spft", 0)
+    status = json.loads(run_cli("status", "--storage", spec, "--json", cwd=in_tmp).stdout)
+    assert status[0]["epochs"] == {"run": 34, "all_to_end": 40}
+    out = in_tmp / "report.html"
+    run_cli("report", "--storage", spec, "--out", str(out), cwd=in_tmp)
+    assert "<td>34 (40)</td>" in out.read_text()
+    opts = SearchOptions(space=searchspace.load("spft"), n_trials=8, storage=spec, study_name="spft", runs_root=in_tmp)
+    print_summary(optuna.load_study(study_name="spft", storage=storage), opts)
+    assert "pruning stopped 2 of 8 trials early: 34 epochs run instead of 40 (1.18x fewer)" in " ".join(capsys.readouterr().out.split())

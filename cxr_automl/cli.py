@@ -125,6 +125,12 @@ def search(ctx: typer.Context,
            slurm_account: Optional[str] = typer.Option(None, "--slurm.account"),
            slurm_qos: Optional[str] = typer.Option(None, "--slurm.qos"),
            slurm_constraint: Optional[str] = typer.Option(None, "--slurm.constraint"),
+           slurm_setup: list[str] = typer.Option(None, "--slurm.setup",
+                                                 help="Shell line run in each task before the worker, e.g. "
+                                                      "'module load cuda/12.1' (repeatable)."),
+           slurm_extra: list[str] = typer.Option(None, "--slurm.extra",
+                                                 help="Any other sbatch option as KEY=VALUE, or KEY for a flag: "
+                                                      "mail-type=END, exclusive (repeatable)."),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Search training recipes with Optuna; every trial is a full training run.
 
@@ -147,6 +153,12 @@ def search(ctx: typer.Context,
                                         prune_warmup=search_mod.resolve_prune_warmup(
                                             prune_warmup, space, tuple(ctx.args)), seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
         search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, opts.prune_warmup)
+        from cxr_automl.launch import SlurmOptions
+        slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
+                             cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,
+                             qos=slurm_qos, constraint=slurm_constraint, setup=tuple(slurm_setup or ()),
+                             extra=tuple(slurm_extra or ()))
+        slurm.executor_parameters(workers, opts.study_name)  # a bad --slurm.* value fails before the study exists
     except (*_user_errors(), ValueError) as exc:
         raise _fail(str(exc))
     try:
@@ -154,9 +166,7 @@ def search(ctx: typer.Context,
             result = search_mod.search(opts)
         else:
             from cxr_automl import launch_cli
-            result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, dict(
-                partition=slurm_partition, gpus_per_task=slurm_gpus_per_task, cpus_per_task=slurm_cpus_per_task,
-                mem=slurm_mem, time=slurm_time, account=slurm_account, qos=slurm_qos, constraint=slurm_constraint))
+            result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, slurm)
             if result is None:
                 return
     except (*_user_errors(), _storage_error(), RuntimeError, ValueError) as exc:

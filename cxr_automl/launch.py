@@ -65,6 +65,13 @@ class SlurmWorker(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, spec, index)
 
 
+#: sbatch options cxr-automl or submitit set themselves: --slurm.extra may not name them
+_OWN_FLAGS = {"partition": "--slurm.partition", "gpus-per-task": "--slurm.gpus-per-task",
+              "cpus-per-task": "--slurm.cpus-per-task", "mem": "--slurm.mem", "time": "--slurm.time",
+              "account": "--slurm.account", "qos": "--slurm.qos", "constraint": "--slurm.constraint",
+              **dict.fromkeys(("array", "output", "error", "open-mode", "signal", "job-name"), "submitit")}
+
+
 @dataclass
 class SlurmOptions:
     partition: str | None = None
@@ -75,8 +82,12 @@ class SlurmOptions:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    setup: tuple[str, ...] = ()   # shell lines run in the job before the worker (module load, conda activate)
+    extra: tuple[str, ...] = ()   # any other sbatch option: KEY=VALUE, or KEY alone for a flag
 
     def executor_parameters(self, workers: int, name: str) -> dict[str, Any]:
+        """submitit's parameters; a bad --slurm.time or --slurm.extra raises ValueError before anything
+        is submitted."""
         params: dict[str, Any] = {"slurm_array_parallelism": workers, "name": f"cxr-{name}",
                                   "slurm_signal_delay_s": 120}
         for key, value in (("slurm_partition", self.partition), ("slurm_gpus_per_task", self.gpus_per_task),
@@ -87,7 +98,25 @@ class SlurmOptions:
                 params[key] = value
         if self.time is not None:
             params["timeout_min"] = parse_minutes(self.time)
+        if self.setup:
+            params["slurm_setup"] = list(self.setup)
+        if self.extra:
+            params["slurm_additional_parameters"] = dict(parse_extra(item) for item in self.extra)
         return params
+
+
+def parse_extra(item: str) -> tuple[str, Any]:
+    """``mail-type=END`` -> ("mail-type", "END"); ``exclusive`` -> ("exclusive", True) (``#SBATCH --exclusive``)."""
+    key, sep, value = item.partition("=")
+    key = key.strip().lstrip("-").replace("_", "-")
+    if not re.fullmatch(r"[a-z][a-z0-9-]*", key) or (sep and not value):
+        raise ValueError(f"--slurm.extra {item!r}: use an sbatch option without its dashes, KEY=VALUE "
+                         "(mail-type=END) or KEY alone for a flag (exclusive)")
+    if key in _OWN_FLAGS:
+        owner = _OWN_FLAGS[key]
+        raise ValueError(f"--slurm.extra {item!r}: " + (f"use {owner} instead" if owner != "submitit" else
+                                                        f"--{key} is set by cxr-automl/submitit for the array job"))
+    return key, value if sep else True
 
 
 def parse_minutes(text: str) -> int:

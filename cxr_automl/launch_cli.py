@@ -19,7 +19,7 @@ from cxr_automl.summary import epochs_run
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
-                      grace_period: int, slurm: dict[str, Any]) -> optuna.Study | None:
+                      grace_period: int, slurm: launch.SlurmOptions) -> optuna.Study | None:
     """Create the study and enqueue its baselines first (no worker races the schema or the queue),
     then start the workers and wait for them. ``launcher='none'`` only creates the study."""
     storage = storage_mod.open_storage(opts.storage, workers=workers, heartbeat_interval=heartbeat_interval,
@@ -36,7 +36,7 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
     if launcher == "local":
         launch.launch_local(spec, workers, root / "workers", opts.n_trials)
     else:
-        launch.launch_slurm(spec, workers, launch.SlurmOptions(**slurm), root / "slurm", opts.n_trials)
+        launch.launch_slurm(spec, workers, slurm, root / "slurm", opts.n_trials)
     return optuna.load_study(study_name=opts.study_name, storage=storage)
 
 

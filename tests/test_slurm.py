@@ -71,7 +71,9 @@ def _running_trial_with_epochs(tmp: Path, epochs: int):
 
 
 def test_array_of_two_workers_reaches_exact_trial_count(slurm_cluster, in_tmp):
-    proc = run_cli(*_search(in_tmp, 3, 2), cwd=in_tmp, timeout=900)
+    setup = f"touch {in_tmp}/setup-ran-$SLURM_ARRAY_TASK_ID"  # --slurm.setup runs in every task
+    proc = run_cli(*_search(in_tmp, 3, 2, "--slurm.setup", setup, "--slurm.extra", "comment=cxr-array-test"),
+                   cwd=in_tmp, timeout=900)
     job_id = re.search(r"submitted SLURM array job (\d+)", proc.stdout).group(1)
     study = _study(in_tmp / "study.log")
     states = [t.state for t in study.trials]
@@ -92,6 +94,9 @@ def test_array_of_two_workers_reaches_exact_trial_count(slurm_cluster, in_tmp):
 
     _wait(accounted, "sacct to record both array tasks COMPLETED", timeout=90)
     assert "best" in proc.stdout
+    assert sorted(p.name for p in in_tmp.glob("setup-ran-*")) == ["setup-ran-0", "setup-ran-1"]
+    sbatch = next((in_tmp / "runs" / "s" / "slurm").rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --comment=cxr-array-test\n" in sbatch
 
 
 def test_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_the_other(slurm_cluster, in_tmp):

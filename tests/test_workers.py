@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -192,3 +193,27 @@ def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
                  "--account=acc", "--qos=high", "--constraint=a100", "--signal=USR2@120"):
         assert f"#SBATCH {flag}\n" in text, flag
     assert ex._executor.parameters["array_parallelism"] == 4
+
+
+def test_slurm_setup_lines_and_extra_sbatch_options(tmp_path, in_tmp):
+    import submitit
+    from cxr_automl.launch import SlurmOptions
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    ex.update_parameters(**SlurmOptions(setup=("module load cuda/12.1", "source ~/venv/bin/activate"),
+                                        extra=("mail-type=END", "--exclusive", "mail_user=me@example.org"))
+                         .executor_parameters(2, "s"))
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    for flag in ("--mail-type=END", "--exclusive", "--mail-user=me@example.org"):
+        assert f"#SBATCH {flag}\n" in text, flag
+    assert "# setup\nmodule load cuda/12.1\nsource ~/venv/bin/activate\n" in text
+    assert text.index("source ~/venv/bin/activate") < text.index("cmd")  # before the worker starts
+    for bad, says in (("partition=gpu", "use --slurm.partition instead"), ("array=0-9", "set by cxr-automl/submitit"),
+                      ("mail-type=", "KEY=VALUE"), ("=x", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            SlurmOptions(extra=(bad,)).executor_parameters(2, "s")
+    # on the command line: one line, exit 2, and no study was created
+    (in_tmp / "space.yaml").write_text(SPACE)
+    proc = run_cli("search", "-s", "space.yaml", "--launcher", "slurm", "--workers", "2", "--slurm.extra", "time=5",
+                   "--storage", f"journal:{in_tmp / 'study.log'}", *TINY, cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "--slurm.extra 'time=5': use --slurm.time instead" in proc.stderr
+    assert not (in_tmp / "study.log").exists()

@@ -114,6 +114,9 @@ def search(ctx: typer.Context,
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
            workers: int = typer.Option(1, "--workers", "-w", help="Workers sharing the study."),
+           detach: bool = typer.Option(False, "--detach",
+                                       help="slurm: submit the array job and return at once (log out, follow with "
+                                            "cxr-automl status, compare with cxr-automl report)."),
            heartbeat_interval: int = typer.Option(30, "--heartbeat-interval", help="Seconds between heartbeats."),
            grace_period: int = typer.Option(120, "--grace-period",
                                             help="A running trial silent this long is failed and re-run."),
@@ -147,6 +150,9 @@ def search(ctx: typer.Context,
         from cxr_automl import storage as storage_mod
         if launcher not in ("local", "slurm", "none") or workers < 1:
             raise ValueError(f"--launcher {launcher!r} --workers {workers}: use local|slurm|none and workers >= 1")
+        if detach and launcher != "slurm":
+            raise ValueError(f"--detach needs --launcher slurm (--launcher {launcher}: the workers are this "
+                             "command's children and stop with it)")
         url = storage or storage_mod.default_spec(runs_root, workers)
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
@@ -166,7 +172,8 @@ def search(ctx: typer.Context,
             result = search_mod.search(opts)
         else:
             from cxr_automl import launch_cli
-            result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, slurm)
+            result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, slurm,
+                                                  wait=not detach)
             if result is None:
                 return
     except (*_user_errors(), _storage_error(), RuntimeError, ValueError) as exc:

@@ -19,9 +19,10 @@ from cxr_automl.summary import epochs_run
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
-                      grace_period: int, slurm: launch.SlurmOptions) -> optuna.Study | None:
+                      grace_period: int, slurm: launch.SlurmOptions, wait: bool = True) -> optuna.Study | None:
     """Create the study and enqueue its baselines first (no worker races the schema or the queue),
-    then start the workers and wait for them. ``launcher='none'`` only creates the study."""
+    then start the workers and wait for them (``wait=False``: submit the SLURM array and return None).
+    ``launcher='none'`` only creates the study."""
     storage = storage_mod.open_storage(opts.storage, workers=workers, heartbeat_interval=heartbeat_interval,
                                        grace_period=grace_period)
     study = search_mod.create_study(opts, storage)
@@ -36,7 +37,11 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
     if launcher == "local":
         launch.launch_local(spec, workers, root / "workers", opts.n_trials)
     else:
-        launch.launch_slurm(spec, workers, slurm, root / "slurm", opts.n_trials)
+        launch.launch_slurm(spec, workers, slurm, root / "slurm", opts.n_trials, wait=wait)
+        if not wait:
+            Console(stderr=True).print(f"detached: the array job runs on; when it ends, compare with: cxr-automl report "
+                                       f"--storage {opts.storage} --study {opts.study_name}", markup=False)
+            return None
     return optuna.load_study(study_name=opts.study_name, storage=storage)
 
 

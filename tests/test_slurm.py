@@ -125,9 +125,15 @@ def test_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_the_other(slu
 
 @pytest.mark.parametrize("how", ["preempt_usr2", "scontrol_requeue"])
 def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, how):
-    args = _search(in_tmp, 1, 1, "--heartbeat-interval", "1", "--grace-period", "90", "strategy.epochs=8")
+    detach = how == "scontrol_requeue"  # this one submits with --detach: search returns, the job runs on
+    args = _search(in_tmp, 1, 1, "--heartbeat-interval", "1", "--grace-period", "90", "strategy.epochs=8",
+                   *(["--detach"] if detach else []))
     proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
+    if detach:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "detached: the array job runs on" in err, out + err
+        job_id = re.search(r"submitted SLURM array job (\d+)", out).group(1)
     victim = _wait(lambda: _running_trial_with_epochs(in_tmp, 2), "a trial with 2 epochs")
     task = victim.user_attrs["worker"].removeprefix("slurm:")
     if how == "preempt_usr2":  # what Slurm sends before preemption/time limit: submitit checkpoints and requeues
@@ -142,8 +148,15 @@ def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, h
     _wait(requeued, "the task to be requeued", timeout=120)
     time.sleep(3.5)  # sooner than ~3 s after a requeue Slurm answers "Job credential revoked"
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out + err
+    if detach:
+        def ended():
+            out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            return out == ["COMPLETED"]
+        _wait(ended, "the detached array job to complete", timeout=900)
+    else:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out + err
     study = _study(in_tmp / "study.log")
     assert len(study.trials) == 1  # the same trial carried on: nothing failed, nothing re-enqueued
     trial = study.trials[0]

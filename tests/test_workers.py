@@ -195,7 +195,7 @@ def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
     assert ex._executor.parameters["array_parallelism"] == 4
 
 
-def test_slurm_setup_lines_and_extra_sbatch_options(tmp_path, in_tmp):
+def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_tmp):
     import submitit
     from cxr_automl.launch import SlurmOptions
     ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
@@ -217,3 +217,5 @@ def test_slurm_setup_lines_and_extra_sbatch_options(tmp_path, in_tmp):
                    "--storage", f"journal:{in_tmp / 'study.log'}", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "--slurm.extra 'time=5': use --slurm.time instead" in proc.stderr
     assert not (in_tmp / "study.log").exists()
+    proc = run_cli("search", "-s", "space.yaml", "--workers", "2", "--detach", *TINY, cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "--detach needs --launcher slurm" in proc.stderr

@@ -286,6 +286,28 @@ def status(study: list[str] = typer.Option(None, "--study", help="Study name (re
 
 
 @app.command()
+def summary(study: Optional[str] = typer.Option(None, "--study", help="Default: the storage's only study."),
+            storage: str = typer.Option(..., "--storage")) -> None:
+    """The end-of-search table of a study: best trials, baselines, the command that reproduces the best.
+
+    For a search that ran elsewhere (--detach, plain sbatch); also rewrites runs/<study>/summary.json."""
+    import optuna
+    from cxr_automl import search as search_mod
+    from cxr_automl import storage as storage_mod
+    from cxr_automl.summary import print_summary
+    try:
+        opened = storage_mod.open_storage(storage, must_exist=True)
+        names = storage_mod.retry(lambda: optuna.get_all_study_names(opened), storage)
+        if study is None and len(names) != 1:
+            raise ValueError(f"{storage} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
+        opts = search_mod.options_from_study(study or names[0], opened, storage)
+        result = storage_mod.retry(lambda: optuna.load_study(study_name=opts.study_name, storage=opened), storage)
+    except (*_user_errors(), _storage_error(), ValueError) as exc:
+        raise _fail(str(exc))
+    print_summary(result, opts)
+
+
+@app.command()
 def report(storage: str = typer.Option(..., "--storage"),
            study: list[str] = typer.Option(None, "--study", help="Study to compare (repeatable); default: all."),
            out: Path = typer.Option(Path("report.html"), "--out", "-o")) -> None:
@@ -296,7 +318,7 @@ def report(storage: str = typer.Option(..., "--storage"),
     from cxr_automl import report as report_mod
     from cxr_automl import storage as storage_mod
     try:
-        path = report_mod.write_report(storage_mod.open_storage(storage), storage, study or None, out)
+        path = report_mod.write_report(storage_mod.open_storage(storage, must_exist=True), storage, study or None, out)
     except (_storage_error(), ValueError) as exc:
         raise _fail(str(exc))
     Console().print(f"wrote {path}")
@@ -312,7 +334,7 @@ def dashboard(storage: str = typer.Option(..., "--storage"),
     from optuna_dashboard import run_server
     from cxr_automl import storage as storage_mod
     try:
-        opened = storage_mod.open_storage(storage)
+        opened = storage_mod.open_storage(storage, must_exist=True)
     except (_storage_error(), ValueError) as exc:
         raise _fail(str(exc))
     console.print(f"optuna-dashboard on http://{host}:{port} for {storage} (Ctrl-C to stop)")

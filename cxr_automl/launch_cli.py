@@ -66,7 +66,7 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
 
 
 def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
-    storage = storage_mod.open_storage(spec)
+    storage = storage_mod.open_storage(spec, must_exist=True)
     all_names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
     for name in names or []:
         if name not in all_names:

@@ -72,12 +72,16 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     console.print(f"{'best':>14}: val {best.value:.4f}  test {_test_auc(best) or '-'}  (trial {best.number})")
     run_dir = best.user_attrs.get("run_dir", "")
     overrides = [*opts.space.overrides, *opts.overrides, *(f"{k}={format_value(v)}" for k, v in best.params.items())]
-    out = opts.runs_root / opts.study_name / "summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
-                               "best_trial": best.number, "best_value": best.value, "best_params": best.params,
-                               "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
-                               "reproduce": "cxr-automl train " + shlex.join(overrides)}, indent=2))
+    out: object = opts.runs_root / opts.study_name / "summary.json"
+    text = json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
+                       "best_trial": best.number, "best_value": best.value, "best_params": best.params,
+                       "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
+                       "reproduce": "cxr-automl train " + shlex.join(overrides)}, indent=2)
+    try:  # `cxr-automl summary` may run where the search's runs root is not writable
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as exc:
+        out = f"not written ({exc})"
     # plain text: overrides such as tasks: [loc] are not rich markup, and quoted so they paste into a shell
     console.print(f"best run: {run_dir}\nstudy:    {opts.storage} (study {study.study_name}); "
                   f"view with: cxr-automl dashboard --storage {opts.storage}\nsummary:  {out}\n"

@@ -123,3 +123,19 @@ def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys
     opts = SearchOptions(space=searchspace.load("spft"), n_trials=8, storage=spec, study_name="spft", runs_root=in_tmp)
     print_summary(optuna.load_study(study_name="spft", storage=storage), opts)
     assert "pruning stopped 2 of 8 trials early: 34 epochs run instead of 40 (1.18x fewer)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_read_commands_refuse_a_storage_path_that_is_not_there(in_tmp):
+    """A typo in --storage is one line naming the path, and leaves no new empty storage behind."""
+    from cxr_automl.storage import open_storage
+    for spec in (f"journal:{in_tmp / 'typo.log'}", f"sqlite:///{in_tmp / 'typo.db'}"):
+        for command in ("status", "summary", "report", "dashboard"):
+            proc = run_cli(command, "--storage", spec, cwd=in_tmp, check=False)
+            assert proc.returncode == 2 and "no study storage at" in proc.stderr and "typo" in proc.stderr, (command, proc.stderr)
+    assert not list(in_tmp.glob("typo*"))
+    spec = f"journal:{in_tmp / 'two.log'}"
+    storage = open_storage(spec)
+    _fill(storage, "a", 0, n=2)
+    _fill(storage, "b", 1, n=2)
+    proc = run_cli("summary", "--storage", spec, cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "holds 2 studies (a, b); pick one with --study" in proc.stderr

@@ -48,6 +48,10 @@ def test_search_reaches_target_then_resumes_without_overshoot(in_tmp):
         assert key in t.user_attrs
     assert (in_tmp / t.user_attrs["run_dir"] / "metrics.json").is_file()
     assert "best" in proc.stdout and "linear_probe" in proc.stdout and "reproduce: cxr-automl train" in proc.stdout
+    # the same table again from the storage alone (a search that ran elsewhere: --detach, sbatch)
+    again = run_cli("summary", "--storage", f"sqlite:///{in_tmp}/runs/cxr-automl.db", cwd=in_tmp)
+    tail = lambda out: out[out.index("reproduce:"):].split()  # noqa: E731 - rich may wrap lines differently
+    assert tail(again.stdout) == tail(proc.stdout)
     # the same command again: nothing to do
     run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "3", *TINY, cwd=in_tmp)
     assert len(_study(in_tmp).trials) == 3

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +197,15 @@ def launch_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Pa
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     executor.update_parameters(**slurm.executor_parameters(workers, spec.study))
     jobs = executor.map_array(SlurmWorker(), [spec] * workers, list(range(workers)))
-    print(f"submitted SLURM array job {jobs[0].job_id.split('_')[0]} ({workers} tasks); logs in {folder}; "
+    job_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted SLURM array job {job_id} ({workers} tasks); logs in {folder}; "
           f"watch with: cxr-automl status --study {spec.study} --storage {spec.storage}", flush=True)
+
+    def record() -> None:  # cxr-automl status shows the array's tasks while they wait in the queue
+        study = optuna.load_study(study_name=spec.study, storage=storage_mod.open_storage(spec.storage))
+        study.set_user_attr("slurm_jobs", [*study.user_attrs.get("slurm_jobs", []), job_id])
+
+    storage_mod.retry(record, spec.storage)
     if not wait:
         return jobs
     try:
@@ -213,6 +222,21 @@ def launch_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Pa
     if errors:
         _report_lost_workers("; ".join(errors), spec, target)
     return jobs
+
+
+def queued_tasks(job_ids: list[str]) -> dict[str, int] | None:
+    """Tasks of these Slurm jobs that ``squeue`` still lists, by state (``{"PENDING": 1, "RUNNING": 1}``);
+    None where there is no squeue or it does not answer."""
+    if not job_ids or shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%T"], capture_output=True,
+                             text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # finished jobs have left the queue: squeue says "Invalid job id"
+        return {} if "Invalid job id" in out.stderr else None
+    return dict(Counter(out.stdout.split()))
 
 
 def _report_lost_workers(errors: str, spec: WorkerSpec, target: int) -> None:

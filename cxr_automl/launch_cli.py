@@ -56,6 +56,9 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
                            "workers": live,
                            "stale_running": len(stale), "metric": study.user_attrs.get("metric"),
                            "epochs": dict(zip(("run", "all_to_end"), epochs_run(trials)))}
+    if study.user_attrs.get("slurm_jobs"):
+        jobs = study.user_attrs["slurm_jobs"]
+        out["slurm"] = {"jobs": jobs, "squeue": launch.queued_tasks(jobs)}  # array jobs search submitted
     try:
         best = study.best_trial
         out["best"] = {"number": best.number, "value": best.value, "params": best.params,
@@ -63,6 +66,13 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
     except ValueError:
         out["best"] = None
     return out
+
+
+def _queue_line(row: dict[str, Any]) -> list[str]:
+    queued = (row.get("slurm") or {}).get("squeue")
+    if not queued:
+        return []
+    return [f"slurm {','.join(row['slurm']['jobs'])}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(queued.items()))]
 
 
 def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
@@ -83,5 +93,5 @@ def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
         best = "-" if r["best"] is None else f"{r['best']['value']:.4f} (trial {r['best']['number']})"
         table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
                       str(s["fail"]), str(s["pruned"]), f"{r['epochs']['run']} ({r['epochs']['all_to_end']})",
-                      "\n".join(f"{w} ({what})" for w, what in r["workers"].items()) or "-", best)
+                      "\n".join([*(f"{w} ({what})" for w, what in r["workers"].items()), *_queue_line(r)]) or "-", best)
     Console().print(table)

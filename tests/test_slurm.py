@@ -3,6 +3,7 @@ mid-trial, a preempted and a requeued worker. Runs the real daemons; skipped onl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -117,7 +118,7 @@ def test_worker_killed_mid_trial_is_resumed_from_its_checkpoint_by_the_other(slu
     assert retry.params == victim.params and retry.user_attrs["run_dir"] == victim.user_attrs["run_dir"]
     assert retry.user_attrs["worker"] != victim.user_attrs["worker"]  # a live worker took it over
     epochs = (Path(retry.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    assert [int(__import__("json").loads(line)["epoch"]) for line in epochs] == list(range(8))
+    assert [int(json.loads(line)["epoch"]) for line in epochs] == list(range(8))
     assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
     logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
     assert re.search(r"resumed .*trial_%04d at epoch [1-7]" % victim.number, logs), logs[-3000:]
@@ -134,6 +135,9 @@ def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, h
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "detached: the array job runs on" in err, out + err
         job_id = re.search(r"submitted SLURM array job (\d+)", out).group(1)
+        row = json.loads(run_cli("status", "--storage", f"journal:{in_tmp / 'study.log'}", "--json",
+                                 cwd=in_tmp).stdout)[0]
+        assert row["slurm"]["jobs"] == [job_id] and sum(row["slurm"]["squeue"].values()) == 1, row["slurm"]
     victim = _wait(lambda: _running_trial_with_epochs(in_tmp, 2), "a trial with 2 epochs")
     task = victim.user_attrs["worker"].removeprefix("slurm:")
     if how == "preempt_usr2":  # what Slurm sends before preemption/time limit: submitit checkpoints and requeues

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -150,6 +151,9 @@ def search(ctx: typer.Context,
         from cxr_automl import storage as storage_mod
         if launcher not in ("local", "slurm", "none") or workers < 1:
             raise ValueError(f"--launcher {launcher!r} --workers {workers}: use local|slurm|none and workers >= 1")
+        if launcher == "slurm" and shutil.which("sbatch") is None:
+            raise ValueError("--launcher slurm: sbatch is not on PATH here; run on a node that submits Slurm jobs "
+                             "(a login node), or use --launcher local")
         if detach and launcher != "slurm":
             raise ValueError(f"--detach needs --launcher slurm (--launcher {launcher}: the workers are this "
                              "command's children and stop with it)")

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -219,3 +220,8 @@ def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_t
     assert not (in_tmp / "study.log").exists()
     proc = run_cli("search", "-s", "space.yaml", "--workers", "2", "--detach", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "--detach needs --launcher slurm" in proc.stderr
+    no_slurm = {"PATH": str(Path(sys.executable).parent)}  # this venv's python, no Slurm commands
+    proc = run_cli("search", "-s", "space.yaml", "--launcher", "slurm", "--workers", "2", *TINY, cwd=in_tmp,
+                   env=no_slurm, check=False)
+    assert proc.returncode == 2 and "--launcher slurm: sbatch is not on PATH" in proc.stderr
+    assert not (in_tmp / "runs" / "cxr-automl.log").exists()  # nothing created

@@ -169,6 +169,8 @@ def search(ctx: typer.Context,
                              qos=slurm_qos, constraint=slurm_constraint, setup=tuple(slurm_setup or ()),
                              extra=tuple(slurm_extra or ()))
         slurm.executor_parameters(workers, opts.study_name)  # a bad --slurm.* value fails before the study exists
+        if launcher != "slurm" and slurm != SlurmOptions():
+            console.print(f"[yellow]warning:[/yellow] --slurm.* options do nothing with --launcher {launcher}")
     except (*_user_errors(), ValueError) as exc:
         raise _fail(str(exc))
     try:

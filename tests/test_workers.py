@@ -225,3 +225,6 @@ def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_t
                    env=no_slurm, check=False)
     assert proc.returncode == 2 and "--launcher slurm: sbatch is not on PATH" in proc.stderr
     assert not (in_tmp / "runs" / "cxr-automl.log").exists()  # nothing created
+    proc = run_cli("search", "-s", "space.yaml", "--launcher", "none", "--slurm.mem", "4G", "--storage",
+                   f"journal:{in_tmp / 'none.log'}", *TINY, cwd=in_tmp)
+    assert "--slurm.* options do nothing with --launcher none" in proc.stderr

@@ -72,7 +72,7 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     console.print(f"{'best':>14}: val {best.value:.4f}  test {_test_auc(best) or '-'}  (trial {best.number})")
     run_dir = best.user_attrs.get("run_dir", "")
     overrides = [*opts.space.overrides, *opts.overrides, *(f"{k}={format_value(v)}" for k, v in best.params.items())]
-    out: object = opts.runs_root / opts.study_name / "summary.json"
+    out = opts.runs_root / opts.study_name / "summary.json"
     text = json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
                        "best_trial": best.number, "best_value": best.value, "best_params": best.params,
                        "best_run_dir": run_dir, "baselines": {n: t.value for n, t in base.items()},
@@ -80,9 +80,10 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     try:  # `cxr-automl summary` may run where the search's runs root is not writable
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+        where = str(out)
     except OSError as exc:
-        out = f"not written ({exc})"
+        where = f"not written to {out} ({exc.strerror or exc})"
     # plain text: overrides such as tasks: [loc] are not rich markup, and quoted so they paste into a shell
     console.print(f"best run: {run_dir}\nstudy:    {opts.storage} (study {study.study_name}); "
-                  f"view with: cxr-automl dashboard --storage {opts.storage}\nsummary:  {out}\n"
+                  f"view with: cxr-automl dashboard --storage {opts.storage}\nsummary:  {where}\n"
                   f"reproduce: cxr-automl train {shlex.join(overrides)}", markup=False)

@@ -116,8 +116,8 @@ def search(ctx: typer.Context,
                                              "none (create the study only, for slurm/worker.sbatch)"),
            workers: int = typer.Option(1, "--workers", "-w", help="Workers sharing the study."),
            detach: bool = typer.Option(False, "--detach",
-                                       help="slurm: submit the array job and return at once (log out, follow with "
-                                            "cxr-automl status, compare with cxr-automl report)."),
+                                       help="slurm: submit the array job and return at once (log out; follow with "
+                                            "cxr-automl status, see the result with cxr-automl summary)."),
            heartbeat_interval: int = typer.Option(30, "--heartbeat-interval", help="Seconds between heartbeats."),
            grace_period: int = typer.Option(120, "--grace-period",
                                             help="A running trial silent this long is failed and re-run."),

@@ -39,8 +39,9 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
     else:
         launch.launch_slurm(spec, workers, slurm, root / "slurm", opts.n_trials, wait=wait)
         if not wait:
-            Console(stderr=True).print(f"detached: the array job runs on; when it ends, compare with: cxr-automl report "
-                                       f"--storage {opts.storage} --study {opts.study_name}", markup=False)
+            Console(stderr=True).print(f"detached: the array job runs on; when it ends, see the result with: "
+                                       f"cxr-automl summary --storage {opts.storage} --study {opts.study_name}",
+                                       markup=False)
             return None
     return optuna.load_study(study_name=opts.study_name, storage=storage)
 

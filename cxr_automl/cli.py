@@ -293,21 +293,27 @@ def status(study: list[str] = typer.Option(None, "--study", help="Study name (re
 
 @app.command()
 def summary(study: Optional[str] = typer.Option(None, "--study", help="Default: the storage's only study."),
-            storage: str = typer.Option(..., "--storage")) -> None:
+            storage: str = typer.Option(..., "--storage"),
+            search_space: Optional[str] = typer.Option(None, "--search-space", "-s",
+                                                       help="Default: the one recorded in the study (its path "
+                                                            "on the machine that ran the search).")) -> None:
     """The end-of-search table of a study: best trials, baselines, the command that reproduces the best.
 
     For a search that ran elsewhere (--detach, plain sbatch); also rewrites runs/<study>/summary.json."""
     import optuna
     from cxr_automl import search as search_mod
     from cxr_automl import storage as storage_mod
+    from cxr_automl.searchspace import SearchSpaceError
     from cxr_automl.summary import print_summary
     try:
         opened = storage_mod.open_storage(storage, must_exist=True)
         names = storage_mod.retry(lambda: optuna.get_all_study_names(opened), storage)
         if study is None and len(names) != 1:
             raise ValueError(f"{storage} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
-        opts = search_mod.options_from_study(study or names[0], opened, storage)
+        opts = search_mod.options_from_study(study or names[0], opened, storage, search_space)
         result = storage_mod.retry(lambda: optuna.load_study(study_name=opts.study_name, storage=opened), storage)
+    except SearchSpaceError as exc:
+        raise _fail(f"{exc}; pass --search-space PATH (the space the search used)")
     except (*_user_errors(), _storage_error(), ValueError) as exc:
         raise _fail(str(exc))
     print_summary(result, opts)

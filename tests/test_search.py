@@ -52,6 +52,12 @@ def test_search_reaches_target_then_resumes_without_overshoot(in_tmp):
     again = run_cli("summary", "--storage", f"sqlite:///{in_tmp}/runs/cxr-automl.db", cwd=in_tmp)
     tail = lambda out: out[out.index("reproduce:"):].split()  # noqa: E731 - rich may wrap lines differently
     assert tail(again.stdout) == tail(proc.stdout)
+    (in_tmp / "space.yaml").rename(in_tmp / "moved.yaml")  # the recorded space path is gone
+    gone = run_cli("summary", "--storage", f"sqlite:///{in_tmp}/runs/cxr-automl.db", cwd=in_tmp, check=False)
+    assert gone.returncode == 2 and "pass --search-space PATH" in gone.stderr
+    moved = run_cli("summary", "--storage", f"sqlite:///{in_tmp}/runs/cxr-automl.db", "-s", "moved.yaml", cwd=in_tmp)
+    assert tail(moved.stdout) == tail(proc.stdout)
+    (in_tmp / "moved.yaml").rename(in_tmp / "space.yaml")
     # the same command again: nothing to do
     run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "3", *TINY, cwd=in_tmp)
     assert len(_study(in_tmp).trials) == 3

@@ -300,23 +300,11 @@ def summary(study: Optional[str] = typer.Option(None, "--study", help="Default: 
     """The end-of-search table of a study: best trials, baselines, the command that reproduces the best.
 
     For a search that ran elsewhere (--detach, plain sbatch); also rewrites runs/<study>/summary.json."""
-    import optuna
-    from cxr_automl import search as search_mod
-    from cxr_automl import storage as storage_mod
-    from cxr_automl.searchspace import SearchSpaceError
-    from cxr_automl.summary import print_summary
+    from cxr_automl import launch_cli
     try:
-        opened = storage_mod.open_storage(storage, must_exist=True)
-        names = storage_mod.retry(lambda: optuna.get_all_study_names(opened), storage)
-        if study is None and len(names) != 1:
-            raise ValueError(f"{storage} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
-        opts = search_mod.options_from_study(study or names[0], opened, storage, search_space)
-        result = storage_mod.retry(lambda: optuna.load_study(study_name=opts.study_name, storage=opened), storage)
-    except SearchSpaceError as exc:
-        raise _fail(f"{exc}; pass --search-space PATH (the space the search used)")
+        launch_cli.print_study_summary(storage, study, search_space)
     except (*_user_errors(), _storage_error(), ValueError) as exc:
         raise _fail(str(exc))
-    print_summary(result, opts)
 
 
 @app.command()
@@ -396,22 +384,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         except registry.RegistryError as exc:
             raise _fail(str(exc))
         return
-    rows = []
-    for kind in registry.KINDS:
-        try:
-            found = registry.available(kind)
-        except registry.RegistryError as exc:
-            rows.append({"kind": kind, "name": "?", "distribution": "?", "version": "?", "value": "?",
-                         "loads": False, "error": str(exc)})
-            continue
-        for name, info in found.items():
-            try:
-                registry.load(kind, name)
-                ok, err = True, ""
-            except registry.RegistryError as exc:
-                ok, err = False, str(exc)
-            rows.append({"kind": kind, "name": name, "distribution": info.distribution,
-                         "version": info.version, "value": info.value, "loads": ok, "error": err})
+    rows = registry.inventory()
     if as_json:
         print(json.dumps(rows, indent=2))
         return

@@ -15,7 +15,7 @@ from cxr_automl import launch
 from cxr_automl import search as search_mod
 from cxr_automl import storage as storage_mod
 from cxr_automl import workers
-from cxr_automl.summary import epochs_run
+from cxr_automl.summary import epochs_run, print_summary
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
@@ -96,3 +96,18 @@ def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
                       str(s["fail"]), str(s["pruned"]), f"{r['epochs']['run']} ({r['epochs']['all_to_end']})",
                       "\n".join([*(f"{w} ({what})" for w, what in r["workers"].items()), *_queue_line(r)]) or "-", best)
     Console().print(table)
+
+
+def print_study_summary(spec: str, name: str | None, search_space: str | None = None) -> None:
+    """``cxr-automl summary``: the end-of-search table from the storage alone (``name``: default the
+    storage's only study; ``search_space``: default the path recorded in the study)."""
+    from cxr_automl.searchspace import SearchSpaceError
+    storage = storage_mod.open_storage(spec, must_exist=True)
+    names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+    if name is None and len(names) != 1:
+        raise ValueError(f"{spec} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
+    try:
+        opts = search_mod.options_from_study(name or names[0], storage, spec, search_space)
+    except SearchSpaceError as exc:
+        raise ValueError(f"{exc}; pass --search-space PATH (the space the search used)") from None
+    print_summary(storage_mod.retry(lambda: optuna.load_study(study_name=opts.study_name, storage=storage), spec), opts)

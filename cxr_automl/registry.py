@@ -132,3 +132,25 @@ def build(kind: str, name: str, /, supplied: dict[str, Any] | None = None, **kwa
         return factory(**kwargs, **extra)
     except (ValueError, TypeError) as exc:  # a factory rejecting its arguments is a config problem
         raise RegistryError(f"{kind} {name!r}: {exc}") from exc
+
+
+def inventory() -> list[dict[str, Any]]:
+    """Every registered component with its distribution and whether it loads (``cxr-automl plugins``);
+    a kind whose listing fails is one row with the error, and the other kinds are still listed."""
+    rows: list[dict[str, Any]] = []
+    for kind in KINDS:
+        try:
+            found = available(kind)
+        except RegistryError as exc:
+            rows.append({"kind": kind, "name": "?", "distribution": "?", "version": "?", "value": "?",
+                         "loads": False, "error": str(exc)})
+            continue
+        for name, found_info in found.items():
+            try:
+                load(kind, name)
+                ok, err = True, ""
+            except RegistryError as exc:
+                ok, err = False, str(exc)
+            rows.append({"kind": kind, "name": name, "distribution": found_info.distribution,
+                         "version": found_info.version, "value": found_info.value, "loads": ok, "error": err})
+    return rows

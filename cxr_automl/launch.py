@@ -191,27 +191,27 @@ def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> 
                                                       for i, rc in bad), spec, target)
 
 
-def launch_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Path, target: int,
-                 wait: bool = True) -> list[submitit.Job]:
+def submit_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Path) -> list[submitit.Job]:
     """ONE array job of ``workers`` tasks, all running at once (array parallelism = workers)."""
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     executor.update_parameters(**slurm.executor_parameters(workers, spec.study))
     jobs = executor.map_array(SlurmWorker(), [spec] * workers, list(range(workers)))
-    job_id = jobs[0].job_id.split("_")[0]
-    print(f"submitted SLURM array job {job_id} ({workers} tasks); logs in {folder}; "
+    print(f"submitted SLURM array job {array_id(jobs)} ({workers} tasks); logs in {folder}; "
           f"watch with: cxr-automl status --study {spec.study} --storage {spec.storage}", flush=True)
+    return jobs
 
-    def record() -> None:  # cxr-automl status shows the array's tasks while they wait in the queue
-        study = optuna.load_study(study_name=spec.study, storage=storage_mod.open_storage(spec.storage))
-        study.set_user_attr("slurm_jobs", [*study.user_attrs.get("slurm_jobs", []), job_id])
 
-    storage_mod.retry(record, spec.storage)
-    if not wait:
-        return jobs
+def array_id(jobs: list[submitit.Job]) -> str:
+    return jobs[0].job_id.split("_")[0]
+
+
+def wait_slurm(jobs: list[submitit.Job], spec: WorkerSpec, target: int) -> None:
+    """Show the study's progress until every task has ended; a task that failed is an error only if
+    the study fell short of ``target``."""
     try:
         _watch(spec.study, spec.storage, target, lambda: not all(j.done() for j in jobs))
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped watching; the array job keeps running (scancel {jobs[0].job_id.split('_')[0]} "
+        raise KeyboardInterrupt(f"stopped watching; the array job keeps running (scancel {array_id(jobs)} "
                                 "to stop it)") from None
     errors = []
     for i, job in enumerate(jobs):
@@ -221,7 +221,6 @@ def launch_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Pa
             errors.append(f"task {i} ({job.job_id}): {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
     if errors:
         _report_lost_workers("; ".join(errors), spec, target)
-    return jobs
 
 
 def queued_tasks(job_ids: list[str]) -> dict[str, int] | None:

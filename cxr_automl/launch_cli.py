@@ -37,8 +37,13 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
     if launcher == "local":
         launch.launch_local(spec, workers, root / "workers", opts.n_trials)
     else:
-        launch.launch_slurm(spec, workers, slurm, root / "slurm", opts.n_trials, wait=wait)
-        if not wait:
+        jobs = launch.submit_slurm(spec, workers, slurm, root / "slurm")
+        # status lists the array's tasks while they wait in the queue
+        storage_mod.retry(lambda: study.set_user_attr(
+            "slurm_jobs", [*study.user_attrs.get("slurm_jobs", []), launch.array_id(jobs)]), opts.storage)
+        if wait:
+            launch.wait_slurm(jobs, spec, opts.n_trials)
+        else:
             Console(stderr=True).print(f"detached: the array job runs on; when it ends, see the result with: "
                                        f"cxr-automl summary --storage {opts.storage} --study {opts.study_name}",
                                        markup=False)

@@ -103,7 +103,7 @@ def open_storage(spec: str, workers: int = 1, heartbeat_interval: int = HEARTBEA
     if must_exist and local is not None and not Path(local).expanduser().exists():
         raise ValueError(f"no study storage at {local}: check the path (the one cxr-automl search wrote to)")
     if is_journal(spec):
-        path = Path(spec.removeprefix("journal:")).expanduser()
+        path = Path(local).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return retry(lambda: JournalHeartbeatStorage(str(path), heartbeat_interval, grace_period), spec)
     if not spec.startswith(("sqlite:", "postgresql", "mysql")):

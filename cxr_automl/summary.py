@@ -34,7 +34,7 @@ def epochs_run(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
     length = {t.number: max(t.intermediate_values) + 1 for t in finished}
     full = max((length[t.number] for t in finished if t.state == TrialState.COMPLETE), default=0)
     ran = sum(length.values())
-    return ran, sum(max(length[t.number], full) if t.state == TrialState.PRUNED else length[t.number] for t in finished)
+    return ran, ran + sum(max(0, full - length[t.number]) for t in finished if t.state == TrialState.PRUNED)
 
 
 def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> None:
@@ -61,8 +61,8 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
         console.print(f"[yellow]trial {t.number} failed:[/yellow] {t.user_attrs['fail_reason']}")
     if not ranked:
         return
-    ran, to_end = epochs_run(trials)
     if counts.get("pruned"):
+        ran, to_end = epochs_run(trials)
         console.print(f"pruning stopped {counts['pruned']} of {len(complete) + counts['pruned']} trials early: "
                       f"{ran} epochs run instead of {to_end} ({to_end / max(ran, 1):.2f}x fewer)")
     best = ranked[0]

@@ -43,7 +43,7 @@ class WorkerSpec:
 def run_worker(spec: WorkerSpec, index: int, workers: int = 1) -> int:
     """The worker process body: open the storage, read the study's options, loop. Returns finished count."""
     storage = storage_mod.open_storage(spec.storage, workers=workers, heartbeat_interval=spec.heartbeat_interval,
-                                       grace_period=spec.grace_period)
+                                       grace_period=spec.grace_period, must_exist=True, wait=True)
     opts = search_mod.options_from_study(spec.study, storage, spec.storage, spec.search_space, spec.overrides)
     study = search_mod.worker(opts, storage, index=index, poll_seconds=spec.poll_seconds)
     return search_mod.n_finished(study)

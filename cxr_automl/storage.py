@@ -91,17 +91,26 @@ def default_spec(runs_root: Path, workers: int) -> str:
 
 
 def open_storage(spec: str, workers: int = 1, heartbeat_interval: int = HEARTBEAT_INTERVAL,
-                 grace_period: int = GRACE_PERIOD, must_exist: bool = False) -> optuna.storages.BaseStorage:
+                 grace_period: int = GRACE_PERIOD, must_exist: bool = False,
+                 wait: bool = False) -> optuna.storages.BaseStorage:
     """Open (creating if needed) the storage ``spec`` names, retrying while it does not answer.
     ``must_exist``: a journal or SQLite file that is not there is an error, not a new empty storage
-    (commands that only read: status, summary, report, dashboard)."""
+    (commands that only read: status, summary, report, dashboard); with ``wait`` the file's absence is
+    retried like an unreachable server first (a worker on NFS may see the file late)."""
     if heartbeat_interval <= 0 or grace_period <= heartbeat_interval:
         raise ValueError(f"heartbeat interval ({heartbeat_interval}s) must be > 0 and below the grace period "
                          f"({grace_period}s)")
     local = (spec.removeprefix("journal:") if is_journal(spec) else
              spec.removeprefix("sqlite:///") if spec.startswith("sqlite:///") else None)
-    if must_exist and local is not None and not Path(local).expanduser().exists():
-        raise ValueError(f"no study storage at {local}: check the path (the one cxr-automl search wrote to)")
+    if must_exist and local is not None:
+        def there() -> None:
+            if not Path(local).expanduser().exists():
+                raise FileNotFoundError(f"no study storage at {local}: check the path (the one cxr-automl search "
+                                        "wrote to)")
+        try:
+            retry(there, spec) if wait else there()
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
     if is_journal(spec):
         path = Path(local).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

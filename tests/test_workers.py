@@ -111,6 +111,17 @@ def test_unreachable_storage_retries_then_one_clear_error(in_tmp, monkeypatch):
     assert f"storage {url} unreachable after 3 attempts" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_worker_waits_for_a_storage_file_that_shows_up_late(in_tmp, monkeypatch):
+    """On NFS a worker may see the journal after it starts: the missing file is retried, not re-created."""
+    import threading
+    made = storage_mod.open_storage(f"journal:{in_tmp / 'made.log'}")
+    optuna.create_study(study_name="s", storage=made)
+    monkeypatch.setenv("CXR_AUTOML_STORAGE_RETRY_DELAYS", "0.3,0.3,0.3,0.3")
+    threading.Timer(0.5, (in_tmp / "made.log").rename, [in_tmp / "late.log"]).start()
+    late = storage_mod.open_storage(f"journal:{in_tmp / 'late.log'}", must_exist=True, wait=True)
+    assert [s.study_name for s in optuna.get_all_study_summaries(late)] == ["s"]
+
+
 def test_launcher_none_creates_the_study_and_sqlite_with_workers_warns(in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
     proc = run_cli("search", "-s", "space.yaml", "--study", "s", "-n", "5", "--workers", "2", "--launcher", "none",
@@ -121,6 +132,11 @@ def test_launcher_none_creates_the_study_and_sqlite_with_workers_warns(in_tmp):
     assert [t.state for t in study.trials] == [TrialState.WAITING]  # the baseline, queued before any worker
     proc = run_cli("worker", "--study", "nope", "--storage", "sqlite:///s.db", cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "no study 'nope'" in proc.stderr
+    # a storage path with a typo: retried (NFS may show the file late), then one line; no empty file made
+    proc = run_cli("worker", "--study", "s", "--storage", "journal:typo.log", cwd=in_tmp, check=False,
+                   env={"CXR_AUTOML_STORAGE_RETRY_DELAYS": "0.1"})
+    assert proc.returncode == 2 and "unreachable after 2 attempts" in proc.stderr, proc.stderr
+    assert "no study storage at typo.log" in proc.stderr and not (in_tmp / "typo.log").exists()
 
 
 @pytest.fixture(scope="session")

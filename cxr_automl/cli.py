@@ -282,13 +282,22 @@ def worker(ctx: typer.Context,
 @app.command()
 def status(study: list[str] = typer.Option(None, "--study", help="Study name (repeatable); default: all."),
            storage: str = typer.Option(..., "--storage"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
-    """Trials by state, live workers and the best trial so far, per study."""
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable (with --watch: one line each)."),
+           watch: float = typer.Option(0, "--watch", metavar="SECONDS",
+                                       help="Refresh every SECONDS until every study holds its target.")) -> None:
+    """Trials by state, live workers and the best trial so far, per study.
+
+    Example, after search --detach: [bold]cxr-automl status --storage journal:runs/cxr-automl.log --watch 30[/bold]
+    (returns once the search is done; then cxr-automl summary)."""
     from cxr_automl import launch_cli
+    if watch < 0:
+        raise _fail(f"--watch {watch:g}: use seconds > 0 (or 0 to print once)")
     try:
-        launch_cli.print_status(storage, study or None, as_json)
+        launch_cli.print_status(storage, study or None, as_json, watch)
     except (_storage_error(), ValueError) as exc:
         raise _fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from cxr_automl import launch
@@ -81,16 +84,7 @@ def _queue_line(row: dict[str, Any]) -> list[str]:
     return [f"slurm {','.join(row['slurm']['jobs'])}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(queued.items()))]
 
 
-def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
-    storage = storage_mod.open_storage(spec, must_exist=True)
-    all_names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
-    for name in names or []:
-        if name not in all_names:
-            raise ValueError(f"no study {name!r} in {spec}; it has: {', '.join(all_names) or 'none'}")
-    rows = [study_status(storage, n) for n in (names or all_names)]
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
+def _status_table(spec: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"studies in {spec}")
     for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "epochs (to end)", "live workers", "best"):
         table.add_column(col, overflow="fold")
@@ -100,7 +94,45 @@ def print_status(spec: str, names: list[str] | None, as_json: bool) -> None:
         table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
                       str(s["fail"]), str(s["pruned"]), f"{r['epochs']['run']} ({r['epochs']['all_to_end']})",
                       "\n".join([*(f"{w} ({what})" for w, what in r["workers"].items()), *_queue_line(r)]) or "-", best)
-    Console().print(table)
+    return table
+
+
+def _done(rows: list[dict[str, Any]]) -> bool:
+    """Every study that has a target holds it, and nothing is running."""
+    return all(r["target"] is None or (r["finished"] >= int(r["target"]) and not r["states"]["running"])
+               for r in rows)
+
+
+def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float = 0) -> None:
+    """``watch`` > 0: refresh every ``watch`` seconds (in place; with ``as_json`` one JSON line each)
+    until every study holds its target number of finished trials."""
+    storage = storage_mod.open_storage(spec, must_exist=True)
+    all_names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+    for name in names or []:
+        if name not in all_names:
+            raise ValueError(f"no study {name!r} in {spec}; it has: {', '.join(all_names) or 'none'}")
+
+    def rows() -> list[dict[str, Any]]:
+        return storage_mod.retry(lambda: [study_status(storage, n) for n in (names or all_names)], spec)
+    if not watch:
+        now = rows()
+        print(json.dumps(now, indent=2, default=str)) if as_json else Console().print(_status_table(spec, now))
+        return
+    with Live(console=Console(), auto_refresh=False) if not as_json else contextlib.nullcontext() as live:
+        while True:
+            now = rows()
+            if as_json:
+                print(json.dumps(now, default=str), flush=True)
+            else:
+                table = _status_table(spec, now)
+                table.caption = time.strftime("%H:%M:%S") + ("; done" if _done(now) else
+                                                             f"; refreshing every {watch:g}s until done (Ctrl-C stops)")
+                live.update(table, refresh=True)
+            if _done(now):
+                break
+            time.sleep(watch)
+    if not as_json:
+        live.console.line()  # Live leaves the cursor at the end of its last line
 
 
 def print_study_summary(spec: str, name: str | None, search_space: str | None = None) -> None:

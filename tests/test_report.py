@@ -18,7 +18,7 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from conftest import run_cli
+from conftest import CLI, run_cli
 
 CLASSES = ["cardiomegaly", "effusion", "nodule"]
 
@@ -139,3 +139,29 @@ def test_read_commands_refuse_a_storage_path_that_is_not_there(in_tmp):
     _fill(storage, "b", 1, n=2)
     proc = run_cli("summary", "--storage", spec, cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "holds 2 studies (a, b); pick one with --study" in proc.stderr
+
+
+def test_status_watch_refreshes_until_the_study_holds_its_target(in_tmp):
+    """`status --watch` (after search --detach) keeps refreshing while trials are missing, and returns
+    by itself once the study holds its target number of finished trials."""
+    from cxr_automl.storage import open_storage
+    spec = f"journal:{in_tmp / 'w.log'}"
+    storage = open_storage(spec)
+    _fill(storage, "spft", 0, n=3)
+    study = optuna.load_study(study_name="spft", storage=storage)
+    study.set_user_attr("n_trials", 4)
+    proc = subprocess.Popen([*CLI, "status", "--storage", spec, "--json", "--watch", "0.5"], cwd=in_tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())
+    assert first[0]["finished"] == 3 and first[0]["target"] == 4
+    time.sleep(1.5)
+    assert proc.poll() is None  # 3 of 4: still watching
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.99, params={}, distributions={}))
+    out, err = proc.communicate(timeout=60)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert proc.returncode == 0, err
+    assert lines[-1][0]["finished"] == 4 and lines[-1][0]["best"]["value"] == 0.99 and len(lines) >= 3
+    table = run_cli("status", "--storage", spec, "--watch", "0.5", cwd=in_tmp)  # done already: one table, returns
+    assert "4/4" in table.stdout and "; done" in table.stdout
+    bad = run_cli("status", "--storage", spec, "--watch", "-1", cwd=in_tmp, check=False)
+    assert bad.returncode == 2 and "--watch -1" in bad.stderr

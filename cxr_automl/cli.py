@@ -241,6 +241,8 @@ def plan(ctx: typer.Context,
         return
     # not a terminal (a pipe, a log): wide enough that the table never wraps
     Console(width=None if sys.stdout.isatty() else 200).print(plan_mod.render(name, rows))
+
+
 def _storage_error() -> type[BaseException]:
     from cxr_automl.storage import StorageUnavailableError
     return StorageUnavailableError

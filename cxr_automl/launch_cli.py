@@ -125,8 +125,11 @@ def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float
                 print(json.dumps(now, default=str), flush=True)
             else:
                 table = _status_table(spec, now)
-                table.caption = time.strftime("%H:%M:%S") + ("; done" if _done(now) else
-                                                             f"; refreshing every {watch:g}s until done (Ctrl-C stops)")
+                idle = not any(r["workers"] or (r.get("slurm") or {}).get("squeue") for r in now)
+                table.caption = time.strftime("%H:%M:%S") + (
+                    "; done" if _done(now) else f"; refreshing every {watch:g}s until done (Ctrl-C stops)"
+                    + ("; no live worker and no queued task: start workers (cxr-automl worker, or search again)"
+                       if idle else ""))
                 live.update(table, refresh=True)
             if _done(now):
                 break

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -163,5 +164,20 @@ def test_status_watch_refreshes_until_the_study_holds_its_target(in_tmp):
     assert lines[-1][0]["finished"] == 4 and lines[-1][0]["best"]["value"] == 0.99 and len(lines) >= 3
     table = run_cli("status", "--storage", spec, "--watch", "0.5", cwd=in_tmp)  # done already: one table, returns
     assert "4/4" in table.stdout and "; done" in table.stdout
+    study.set_user_attr("n_trials", 5)  # one more wanted and no worker: the table says so while it waits
+    command = " ".join([*CLI, "status", "--storage", spec, "--watch", "0.5"])  # in a terminal: refreshed in place
+    proc = subprocess.Popen(["script", "-qec", command, "/dev/null"], cwd=in_tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "250"})
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "no live worker and no queued task" not in "".join(seen) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "4/5" in "".join(seen), "".join(seen)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5, params={}, distributions={}))
+    assert proc.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    assert "5/5" in "".join(seen) and "; done" in "".join(seen)
     bad = run_cli("status", "--storage", spec, "--watch", "-1", cwd=in_tmp, check=False)
     assert bad.returncode == 2 and "--watch -1" in bad.stderr

@@ -103,6 +103,14 @@ def _done(rows: list[dict[str, Any]]) -> bool:
                for r in rows)
 
 
+def _watch_caption(rows: list[dict[str, Any]], watch: float) -> str:
+    if _done(rows):
+        return time.strftime("%H:%M:%S; done")
+    idle = not any(r["workers"] or (r.get("slurm") or {}).get("squeue") for r in rows)
+    return time.strftime("%H:%M:%S") + f"; refreshing every {watch:g}s until done (Ctrl-C stops)" + (
+        "; no live worker and no queued task: start workers (cxr-automl worker, or search again)" if idle else "")
+
+
 def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float = 0) -> None:
     """``watch`` > 0: refresh every ``watch`` seconds (in place; with ``as_json`` one JSON line each)
     until every study holds its target number of finished trials."""
@@ -125,11 +133,7 @@ def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float
                 print(json.dumps(now, default=str), flush=True)
             else:
                 table = _status_table(spec, now)
-                idle = not any(r["workers"] or (r.get("slurm") or {}).get("squeue") for r in now)
-                table.caption = time.strftime("%H:%M:%S") + (
-                    "; done" if _done(now) else f"; refreshing every {watch:g}s until done (Ctrl-C stops)"
-                    + ("; no live worker and no queued task: start workers (cxr-automl worker, or search again)"
-                       if idle else ""))
+                table.caption = _watch_caption(now, watch)
                 live.update(table, refresh=True)
             if _done(now):
                 break

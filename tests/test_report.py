@@ -1,4 +1,4 @@
-"""`cxr-automl report` in a real headless chromium, and `cxr-automl dashboard` answering its API."""
+"""`cxr-automl report` and `cxr-automl dashboard` in a real headless chromium; status, summary."""
 
 from __future__ import annotations
 
@@ -42,6 +42,27 @@ def _fill(storage, name: str, seed: int, n: int = 8) -> None:
             user_attrs={"metrics": metrics, "run_dir": f"runs/{name}/trial_{i:04d}"}))
 
 
+def _chromium(in_tmp: Path) -> tuple[str, list[str]]:
+    """Debian's chromium and the flags of a headless, offline, logging run."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.geteuid() == 0:
+            raise AssertionError("chromium missing: .ci/services.sh installs it")
+        pytest.skip("Debian's chromium is not installed (run .ci/services.sh as root)")
+    return chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--no-first-run", "--enable-logging=stderr", "--v=0",
+                      "--virtual-time-budget=15000", f"--user-data-dir={in_tmp / 'profile'}"]
+
+
+def _dump_dom(in_tmp: Path, url: str) -> subprocess.CompletedProcess:
+    """The page at ``url`` after its scripts ran, in headless chromium; no console error allowed."""
+    chromium, flags = _chromium(in_tmp)
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, "\n".join(console)
+    return dom
+
+
 def test_report_renders_in_headless_chromium_without_console_errors(in_tmp):
     spec = f"journal:{in_tmp / 'studies.log'}"
     from cxr_automl.storage import open_storage
@@ -58,17 +79,8 @@ def test_report_renders_in_headless_chromium_without_console_errors(in_tmp):
     bad = run_cli("report", "--storage", spec, "--study", "nope", "--out", str(out), cwd=in_tmp, check=False)
     assert bad.returncode == 2 and "no study 'nope'" in bad.stderr
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.geteuid() == 0:
-            raise AssertionError("chromium missing: .ci/services.sh installs it")
-        pytest.skip("Debian's chromium is not installed (run .ci/services.sh as root)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--enable-logging=stderr", "--v=0",
-             "--virtual-time-budget=15000", f"--user-data-dir={in_tmp / 'profile'}"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=180)
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
-    assert not console, "\n".join(console)
+    chromium, flags = _chromium(in_tmp)
+    dom = _dump_dom(in_tmp, out.as_uri())
     # plotly.js ran: every figure became an SVG plot (9 figures incl. 2 parallel-coordinates plots)
     assert dom.stdout.count('class="main-svg"') >= 7 * 2, dom.stdout[:2000]
     shot = in_tmp / "report.png"
@@ -102,6 +114,9 @@ def test_dashboard_serves_the_study_storage(in_tmp):
                 time.sleep(0.3)
         assert body is not None, "dashboard never answered"
         assert [s["study_name"] for s in body["study_summaries"]] == ["spft"]
+        # what a user sees: the trial page, rendered by the dashboard's own scripts, shows cxr-automl's user attrs
+        dom = _dump_dom(in_tmp, f"http://127.0.0.1:{port}/dashboard/studies/0/trials")
+        assert "runs/spft/trial_0000" in dom.stdout and "Trial 2" in dom.stdout, dom.stdout[-2000:]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

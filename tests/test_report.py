@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -180,7 +181,7 @@ def test_status_watch_refreshes_until_the_study_holds_its_target(in_tmp):
     table = run_cli("status", "--storage", spec, "--watch", "0.5", cwd=in_tmp)  # done already: one table, returns
     assert "4/4" in table.stdout and "; done" in table.stdout
     study.set_user_attr("n_trials", 5)  # one more wanted and no worker: the table says so while it waits
-    command = " ".join([*CLI, "status", "--storage", spec, "--watch", "0.5"])  # in a terminal: refreshed in place
+    command = shlex.join([*CLI, "status", "--storage", spec, "--watch", "0.5"])  # in a terminal: refreshed in place
     proc = subprocess.Popen(["script", "-qec", command, "/dev/null"], cwd=in_tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "250"})
     seen: list[str] = []

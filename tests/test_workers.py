@@ -116,7 +116,7 @@ def test_worker_waits_for_a_storage_file_that_shows_up_late(in_tmp, monkeypatch)
     import threading
     made = storage_mod.open_storage(f"journal:{in_tmp / 'made.log'}")
     optuna.create_study(study_name="s", storage=made)
-    monkeypatch.setenv("CXR_AUTOML_STORAGE_RETRY_DELAYS", "0.3,0.3,0.3,0.3")
+    monkeypatch.setenv("CXR_AUTOML_STORAGE_RETRY_DELAYS", "0.3,0.3,1,2,4")
     threading.Timer(0.5, (in_tmp / "made.log").rename, [in_tmp / "late.log"]).start()
     late = storage_mod.open_storage(f"journal:{in_tmp / 'late.log'}", must_exist=True, wait=True)
     assert [s.study_name for s in optuna.get_all_study_summaries(late)] == ["s"]

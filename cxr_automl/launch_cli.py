@@ -84,6 +84,12 @@ def _queue_line(row: dict[str, Any]) -> list[str]:
     return [f"slurm {','.join(row['slurm']['jobs'])}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(queued.items()))]
 
 
+def _open_existing(spec: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
+    """A storage the read commands need to be there, and its study names."""
+    storage = storage_mod.open_storage(spec, must_exist=True)
+    return storage, storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+
+
 def _status_table(spec: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"studies in {spec}")
     for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "epochs (to end)", "live workers", "best"):
@@ -114,8 +120,7 @@ def _watch_caption(rows: list[dict[str, Any]], watch: float) -> str:
 def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float = 0) -> None:
     """``watch`` > 0: refresh every ``watch`` seconds (in place; with ``as_json`` one JSON line each)
     until every study holds its target number of finished trials."""
-    storage = storage_mod.open_storage(spec, must_exist=True)
-    all_names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+    storage, all_names = _open_existing(spec)
     for name in names or []:
         if name not in all_names:
             raise ValueError(f"no study {name!r} in {spec}; it has: {', '.join(all_names) or 'none'}")
@@ -146,8 +151,7 @@ def print_study_summary(spec: str, name: str | None, search_space: str | None = 
     """``cxr-automl summary``: the end-of-search table from the storage alone (``name``: default the
     storage's only study; ``search_space``: default the path recorded in the study)."""
     from cxr_automl.searchspace import SearchSpaceError
-    storage = storage_mod.open_storage(spec, must_exist=True)
-    names = storage_mod.retry(lambda: optuna.get_all_study_names(storage), spec)
+    storage, names = _open_existing(spec)
     if name is None and len(names) != 1:
         raise ValueError(f"{spec} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")
     try:

@@ -102,17 +102,18 @@ def open_storage(spec: str, workers: int = 1, heartbeat_interval: int = HEARTBEA
                          f"({grace_period}s)")
     local = (spec.removeprefix("journal:") if is_journal(spec) else
              spec.removeprefix("sqlite:///") if spec.startswith("sqlite:///") else None)
-    if must_exist and local is not None:
+    path = Path(local).expanduser() if local is not None else None
+    if must_exist and path is not None:
+        missing = f"no study storage at {local}: check the path (the one cxr-automl search wrote to)"
+
         def there() -> None:
-            if not Path(local).expanduser().exists():
-                raise FileNotFoundError(f"no study storage at {local}: check the path (the one cxr-automl search "
-                                        "wrote to)")
-        try:
-            retry(there, spec) if wait else there()
-        except FileNotFoundError as exc:
-            raise ValueError(str(exc)) from None
+            if not path.exists():
+                raise FileNotFoundError(missing)  # retried like an unreachable server
+        if wait:
+            retry(there, spec)
+        elif not path.exists():
+            raise ValueError(missing)
     if is_journal(spec):
-        path = Path(local).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return retry(lambda: JournalHeartbeatStorage(str(path), heartbeat_interval, grace_period), spec)
     if not spec.startswith(("sqlite:", "postgresql", "mysql")):

@@ -125,9 +125,10 @@ def _run(pruner: str, n_trials: int, epochs: int, tmp: Path, quick: bool, seed: 
     (tmp / "space.yaml").write_text(SPACE)
     space = ["-s", "space.yaml", *SMALL] if quick else ["-s", "spft", "trainer.progress=false"]
     log = tmp / f"{pruner}.log"
+    name, _, lookahead = pruner.partition("@")
     cli("search", *space, "--study", pruner, "-n", str(n_trials), "--storage", f"journal:{log}",
-        "--pruner", pruner, "--prune-warmup", str(warmup), "--sampler", "random", "--seed", str(seed),
-        f"strategy.epochs={epochs}", "strategy.patience=1000", cwd=tmp)
+        "--pruner", name, "--prune-lookahead", lookahead or "auto", "--prune-warmup", str(warmup),
+        "--sampler", "random", "--seed", str(seed), f"strategy.epochs={epochs}", "strategy.patience=1000", cwd=tmp)
     return optuna.load_study(study_name=pruner, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(log))))
 
@@ -145,12 +146,16 @@ def _curves(study: optuna.Study, states: tuple[TrialState, ...] = (TrialState.CO
 def _replay(curves: list[Curve], pruner: str, warmup: int) -> list[Curve | None]:
     """Feed recorded full learning curves, in order, to a fresh study with ``pruner`` (the same object
     ``cxr-automl search --pruner`` builds): what it would have run of each. Exact for one worker and the
-    random sampler, whose recipes do not depend on what was pruned; checked against the real arms."""
-    from cxr_automl.search import make_pruner
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(pruner, warmup))
+    random sampler, whose recipes do not depend on what was pruned; checked against the real arms.
+    ``pruner``: a name (its default look-ahead) or ``name@fraction`` (``--prune-lookahead fraction``)."""
+    from cxr_automl.search import make_pruner, resolve_prune_lookahead
+    name, _, lookahead = pruner.partition("@")
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(
+        name, warmup, resolve_prune_lookahead(lookahead or "auto", name)))
     seen: list[Curve | None] = []
     for steps, value in curves:
         trial, ran = study.ask(), []
+        trial.set_user_attr("epochs", len(steps))  # as run_trial records it; the look-ahead projects to it
         for step, v in steps:
             trial.report(v, step)
             ran.append((step, v))
@@ -240,7 +245,8 @@ def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders:
         print(f"pruning {p:>18}: best {s.best_value:.4f}, {pruned:2d}/{len(s.trials)} pruned, "
               f"{spent[p]:3d} epochs in all")
     curves = _curves(base)
-    arms = {label: (s.user_attrs["pruner"], int(s.user_attrs.get("prune_warmup", 2)))
+    arms = {label: (f"{s.user_attrs['pruner']}@{s.user_attrs.get('prune_lookahead', 0.0):g}",
+                    int(s.user_attrs.get("prune_warmup", 2)))
             for label, s in studies.items() if label != "none"}
     for label, (pruner, warmup) in arms.items():
         s = studies[label]
@@ -258,6 +264,7 @@ def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders:
 
 def load_arms(run_dir: Path) -> dict[str, optuna.Study]:
     """The arms of an earlier pruning run (one journal, one study per arm; labelled by file name), ``none`` first."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "study name was omitted" for each arm
     logs = sorted(run_dir.glob("*.log"), key=lambda f: (f.stem != "none", f.stem))
     if not logs or logs[0].stem != "none":
         raise SystemExit(f"{run_dir}: no none.log (pass a directory an earlier pruning run printed)")
@@ -307,7 +314,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--prune-trials", type=int, default=20)
     ap.add_argument("--prune-epochs", type=int, default=24, help="epochs per trial (the SPFT paper trains up to 50)")
-    ap.add_argument("--pruners", default="median,successive_halving", help="compared with none, comma-separated")
+    ap.add_argument("--pruners", default="median,successive_halving",
+                    help="compared with none, comma-separated; NAME@F sets --prune-lookahead F "
+                         "(successive_halving@0: without look-ahead)")
     ap.add_argument("--replay-only", action="store_true",
                     help="run the no-pruner arm only; the pruners are replayed over its curves (exact for one "
                          "worker and the random sampler: the replay check has matched every real arm)")

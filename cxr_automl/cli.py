@@ -110,6 +110,11 @@ def search(ctx: typer.Context,
                                             help="First epoch (0-based) at which a trial may be pruned; auto = a "
                                                  "quarter of strategy.epochs, at least 2. Good SPFT recipes often "
                                                  "dip before they climb (README: Pruning)."),
+           prune_lookahead: str = typer.Option("auto", "--prune-lookahead",
+                                               help="successive_halving / hyperband judge a trial by its value plus "
+                                                    "this fraction of the rise its recent slope projects to the "
+                                                    "last epoch; auto = 0.125 for those, 0 (off) otherwise "
+                                                    "(README: Pruning)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
@@ -158,11 +163,13 @@ def search(ctx: typer.Context,
             raise ValueError(f"--detach needs --launcher slurm (--launcher {launcher}: the workers are this "
                              "command's children and stop with it)")
         url = storage or storage_mod.default_spec(runs_root, workers)
+        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner)  # unknown names first
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
-                                        prune_warmup=search_mod.resolve_prune_warmup(
-                                            prune_warmup, space, tuple(ctx.args)), seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
-        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, opts.prune_warmup)
+                                        prune_warmup=search_mod.resolve_prune_warmup(prune_warmup, space, tuple(ctx.args)),
+                                        prune_lookahead=search_mod.resolve_prune_lookahead(prune_lookahead, pruner),
+                                        seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
+        search_mod.make_pruner(pruner, opts.prune_warmup, opts.prune_lookahead)
         from cxr_automl.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,

@@ -29,12 +29,14 @@ def _test_value(t: optuna.trial.FrozenTrial, key: str = "test/macro_auc") -> str
 
 def epochs_run(trials: list[optuna.trial.FrozenTrial]) -> tuple[int, int]:
     """Epochs the finished trials reached (one reported value per epoch) and what running every pruned
-    trial to the end would have cost, a pruned trial counted at the longest complete trial's length."""
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
-    length = {t.number: max(t.intermediate_values) + 1 for t in finished}
-    full = max((length[t.number] for t in finished if t.state == TrialState.COMPLETE), default=0)
-    ran = sum(length.values())
-    return ran, ran + sum(max(0, full - length[t.number]) for t in finished if t.state == TrialState.PRUNED)
+    trial to the end would have cost: a pruned trial counted at its own epoch count (user attr
+    ``epochs``), or where that was not recorded, at the longest complete trial's length."""
+    finished = [(t, max(t.intermediate_values) + 1) for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.intermediate_values]
+    full = max((n for t, n in finished if t.state == TrialState.COMPLETE), default=0)
+    ran = sum(n for _, n in finished)
+    return ran, ran + sum(max(0, int(t.user_attrs.get("epochs", full)) - n)
+                          for t, n in finished if t.state == TrialState.PRUNED)
 
 
 def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> None:

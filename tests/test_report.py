@@ -140,6 +140,12 @@ def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys
     opts = SearchOptions(space=searchspace.load("spft"), n_trials=8, storage=spec, study_name="spft", runs_root=in_tmp)
     print_summary(optuna.load_study(study_name="spft", storage=storage), opts)
     assert "pruning stopped 2 of 8 trials early: 34 epochs run instead of 40 (1.18x fewer)" in " ".join(capsys.readouterr().out.split())
+    # a pruned trial that recorded its own epoch count (run_trial does) counts at that, not the longest complete one
+    from optuna.trial import create_trial
+    from cxr_automl.summary import epochs_run
+    done = create_trial(value=0.9, intermediate_values={0: 0.5, 1: 0.6, 2: 0.9})
+    cut = create_trial(state=TrialState.PRUNED, intermediate_values={0: 0.4}, user_attrs={"epochs": 10})
+    assert epochs_run([done, cut]) == (4, 13)
 
 
 def test_read_commands_refuse_a_storage_path_that_is_not_there(in_tmp):

@@ -46,6 +46,7 @@ def test_search_reaches_target_then_resumes_without_overshoot(in_tmp):
     t = study.best_trial
     for key in ("backbone", "head", "strategy", "dataset", "run_dir", "metrics"):
         assert key in t.user_attrs
+    assert t.user_attrs["epochs"] == 3  # what the look-ahead pruner projects to
     assert (in_tmp / t.user_attrs["run_dir"] / "metrics.json").is_file()
     assert "best" in proc.stdout and "linear_probe" in proc.stdout and "reproduce: cxr-automl train" in proc.stdout
     # the same table again from the storage alone (a search that ran elsewhere: --detach, sbatch)
@@ -176,17 +177,45 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
     assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=4",)) == 2   # at least 2
     proc = run_cli("search", "-s", "space.yaml", "--prune-warmup", "-1", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode != 0 and "--prune-warmup -1: use an epoch index >= 0" in proc.stderr + proc.stdout
+    assert opts.prune_lookahead == 0.0  # auto: off for the median pruner
+    run_cli("search", "-s", "space.yaml", "--study", "sh", "-n", "2", "--pruner", "successive_halving",
+            "--prune-lookahead", "0.25", "--launcher", "none", "--storage", url, *TINY, cwd=in_tmp)
+    opts = search.options_from_study("sh", storage.open_storage(url), url)
+    assert (opts.pruner, opts.prune_lookahead) == ("successive_halving", 0.25)
+    assert isinstance(search.make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead), search.LookAheadPruner)
+    assert search.resolve_prune_lookahead("auto", "successive_halving") == 0.125
+    proc = run_cli("search", "-s", "space.yaml", "--prune-lookahead", "0.2", *TINY, cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "--prune-lookahead 0.2: only successive_halving and hyperband" in proc.stderr
+    proc = run_cli("search", "-s", "space.yaml", "--pruner", "hyperband", "--prune-lookahead", "-1", *TINY,
+                   cwd=in_tmp, check=False)
+    assert proc.returncode == 2 and "--prune-lookahead '-1': use auto or a fraction >= 0" in proc.stderr
 
 
-def test_a_new_study_never_resumes_another_studys_run_dir(in_tmp):
-    """Same study name, storage deleted: trial 0 trains from scratch and the old run is moved aside whole."""
-    (in_tmp / "space.yaml").write_text(SPACE)
-    args = ["search", "-s", "space.yaml", "--study", "s", "-n", "1", "--pruner", "none", *TINY]
-    run_cli(*args, cwd=in_tmp)
-    old = (in_tmp / "runs/s/trial_0000/metrics.jsonl").read_text()
-    (in_tmp / "runs/cxr-automl.db").unlink()
-    proc = run_cli(*args, cwd=in_tmp)
-    assert "moved it to trial_0000.stale1" in proc.stdout + proc.stderr
-    assert (in_tmp / "runs/s/trial_0000.stale1/metrics.jsonl").read_text() == old
-    trial = _study(in_tmp).trials[0]
-    assert trial.state == TrialState.COMPLETE and len(trial.intermediate_values) == 3  # all of TINY's epochs
+def _climb(study, values, epochs=None):
+    """One trial reporting ``values`` epoch by epoch; the epoch at which it was stopped, or None."""
+    trial = study.ask()
+    if epochs:
+        trial.set_user_attr("epochs", epochs)
+    for step, value in enumerate(values):
+        trial.report(value, step)
+        if trial.should_prune():
+            study.tell(trial, state=TrialState.PRUNED)
+            return step
+    study.tell(trial, values[-1])
+    return None
+
+
+@pytest.mark.parametrize("lookahead", [0.0, 0.125])
+def test_lookahead_keeps_a_fast_climber_that_plain_successive_halving_stops(lookahead):
+    """At the first rung (epoch 4 of 40) a trial climbing 0.06 per epoch sits at 0.64, below a flat
+    0.80; projected 1/8 of the way to its last epoch (0.64 + 0.06 * 35 / 8 = 0.90) it is ahead, so
+    only the look-ahead pruner lets it go on (it ends at 0.88). A flat trial below both is stopped
+    either way, and the stored curve stays the measured one."""
+    from cxr_automl.search import make_pruner
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("successive_halving", 4, lookahead))
+    assert _climb(study, [0.80] * 40, epochs=40) is None  # the first trial has nobody to lose to
+    climber = [min(0.88, 0.40 + 0.06 * e) for e in range(40)]
+    assert _climb(study, climber, epochs=40) == (None if lookahead else 4)
+    assert _climb(study, [0.50] * 40, epochs=40) == 4
+    assert study.trials[1].intermediate_values[4] == pytest.approx(0.64)

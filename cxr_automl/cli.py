@@ -111,9 +111,9 @@ def search(ctx: typer.Context,
                                                  "quarter of strategy.epochs, at least 2. Good SPFT recipes often "
                                                  "dip before they climb (README: Pruning)."),
            prune_lookahead: str = typer.Option("auto", "--prune-lookahead",
-                                               help="successive_halving / hyperband judge a trial by its value plus "
+                                               help="successive_halving judges a trial by its value plus "
                                                     "this fraction of the rise its recent slope projects to the "
-                                                    "last epoch; auto = 0.125 for those, 0 (off) otherwise "
+                                                    "last epoch; auto = 0.125 for it, 0 (off) otherwise "
                                                     "(README: Pruning)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
            launcher: str = typer.Option("local", "--launcher",

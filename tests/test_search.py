@@ -185,7 +185,7 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
     assert isinstance(search.make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead), search.LookAheadPruner)
     assert search.resolve_prune_lookahead("auto", "successive_halving") == 0.125
     proc = run_cli("search", "-s", "space.yaml", "--prune-lookahead", "0.2", *TINY, cwd=in_tmp, check=False)
-    assert proc.returncode == 2 and "--prune-lookahead 0.2: only successive_halving and hyperband" in proc.stderr
+    assert proc.returncode == 2 and "--prune-lookahead 0.2: only --pruner successive_halving" in proc.stderr
     proc = run_cli("search", "-s", "space.yaml", "--pruner", "hyperband", "--prune-lookahead", "-1", *TINY,
                    cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "--prune-lookahead '-1': use auto or a fraction >= 0" in proc.stderr

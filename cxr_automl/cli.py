@@ -166,7 +166,8 @@ def search(ctx: typer.Context,
         search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner)  # unknown names first
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
-                                        prune_warmup=search_mod.resolve_prune_warmup(prune_warmup, space, tuple(ctx.args)),
+                                        prune_warmup=search_mod.resolve_prune_warmup(prune_warmup, space,
+                                                                                     tuple(ctx.args)),
                                         prune_lookahead=search_mod.resolve_prune_lookahead(prune_lookahead, pruner),
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
         search_mod.make_pruner(pruner, opts.prune_warmup, opts.prune_lookahead)

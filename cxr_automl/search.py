@@ -128,7 +128,8 @@ class LookAheadPruner(optuna.pruners.BasePruner):
         start = max((s for s in values if s <= step - self.window), default=min(values))
         slope = (values[step] - values[start]) / (step - start) if step > start else 0.0
         view = copy.copy(trial)
-        view.intermediate_values = {**values, step: values[step] + self.fraction * slope * max(0, int(epochs) - 1 - step)}
+        ahead = self.fraction * slope * max(0, int(epochs) - 1 - step)
+        view.intermediate_values = {**values, step: values[step] + ahead}
         return self.inner.prune(study, view)
 
 
@@ -249,7 +250,8 @@ def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
     study = storage_mod.retry(lambda: optuna.create_study(
         storage=storage, study_name=opts.study_name, load_if_exists=True, direction=opts.space.direction,
-        sampler=make_sampler(opts.sampler, opts.seed), pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)),
+        sampler=make_sampler(opts.sampler, opts.seed),
+        pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)),
         opts.storage)
     for key, value in {"search_space": str(Path(opts.space.path).resolve()) if opts.space.path else None,
                        "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,

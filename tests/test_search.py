@@ -219,3 +219,17 @@ def test_lookahead_keeps_a_fast_climber_that_plain_successive_halving_stops(look
     assert _climb(study, climber, epochs=40) == (None if lookahead else 4)
     assert _climb(study, [0.50] * 40, epochs=40) == 4
     assert study.trials[1].intermediate_values[4] == pytest.approx(0.64)
+
+
+def test_a_new_study_never_resumes_another_studys_run_dir(in_tmp):
+    """Same study name, storage deleted: trial 0 trains from scratch and the old run is moved aside whole."""
+    (in_tmp / "space.yaml").write_text(SPACE)
+    args = ["search", "-s", "space.yaml", "--study", "s", "-n", "1", "--pruner", "none", *TINY]
+    run_cli(*args, cwd=in_tmp)
+    old = (in_tmp / "runs/s/trial_0000/metrics.jsonl").read_text()
+    (in_tmp / "runs/cxr-automl.db").unlink()
+    proc = run_cli(*args, cwd=in_tmp)
+    assert "moved it to trial_0000.stale1" in proc.stdout + proc.stderr
+    assert (in_tmp / "runs/s/trial_0000.stale1/metrics.jsonl").read_text() == old
+    trial = _study(in_tmp).trials[0]
+    assert trial.state == TrialState.COMPLETE and len(trial.intermediate_values) == 3  # all of TINY's epochs

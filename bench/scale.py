@@ -8,7 +8,7 @@
 - storage: ask/tell throughput (trials/s, summed over clients) of the journal file, SQLite and
            PostgreSQL (CXR_TEST_POSTGRES_URL, default the one .ci/services.sh starts), 1-8 clients.
 - pruning: epochs spent to reach the same best value without vs with a pruner (median and successive
-           halving by default), on the embedded default search (spft space, synthetic_cxr, resnet_tiny;
+           halving with its default look-ahead; NAME@F for another --prune-lookahead), on the embedded default search (spft space, synthetic_cxr, resnet_tiny;
            24-epoch trials; same random-sampler seed, so every arm sees the same recipes in the same
            order). Then each pruner
            is replayed over the measured no-pruner learning curves: in the measured order (a check: it

@@ -8,11 +8,11 @@
 - storage: ask/tell throughput (trials/s, summed over clients) of the journal file, SQLite and
            PostgreSQL (CXR_TEST_POSTGRES_URL, default the one .ci/services.sh starts), 1-8 clients.
 - pruning: epochs spent to reach the same best value without vs with a pruner (median and successive
-           halving with its default look-ahead; NAME@F for another --prune-lookahead), on the embedded default search (spft space, synthetic_cxr, resnet_tiny;
-           24-epoch trials; same random-sampler seed, so every arm sees the same recipes in the same
-           order). Then each pruner
-           is replayed over the measured no-pruner learning curves: in the measured order (a check: it
-           must give the real arm's epochs), over shuffled orders (where the best recipe falls is luck)
+           halving with its default look-ahead; NAME@F for another --prune-lookahead), on the embedded
+           default search (spft space, synthetic_cxr, resnet_tiny; 24-epoch trials; same random-sampler
+           seed, so every arm sees the same recipes in the same order). Then each pruner is replayed
+           over the measured no-pruner learning curves: in the measured order (a check: it must give
+           the real arm's epochs), over shuffled orders (where the best recipe falls is luck)
            and at other warm-ups, next to the ceiling: an oracle that knows every final value and stops
            each trial but the baselines and the best as soon as the warm-up allows.
            --prune-from DIR... reports earlier runs again without training (and pools their curves).

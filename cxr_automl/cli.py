@@ -163,14 +163,13 @@ def search(ctx: typer.Context,
             raise ValueError(f"--detach needs --launcher slurm (--launcher {launcher}: the workers are this "
                              "command's children and stop with it)")
         url = storage or storage_mod.default_spec(runs_root, workers)
-        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner)  # unknown names first
+        warmup = search_mod.resolve_prune_warmup(prune_warmup, space, tuple(ctx.args))
+        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, warmup)  # fail fast on bad names
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
-                                        prune_warmup=search_mod.resolve_prune_warmup(prune_warmup, space,
-                                                                                     tuple(ctx.args)),
+                                        prune_warmup=warmup,
                                         prune_lookahead=search_mod.resolve_prune_lookahead(prune_lookahead, pruner),
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
-        search_mod.make_pruner(pruner, opts.prune_warmup, opts.prune_lookahead)
         from cxr_automl.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,

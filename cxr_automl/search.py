@@ -100,10 +100,10 @@ def resolve_prune_lookahead(value: str, pruner: str) -> float:
         return 0.125 if pruner in LOOKAHEAD_PRUNERS else 0.0
     try:
         fraction = float(value)
+        if not math.isfinite(fraction) or fraction < 0:
+            raise ValueError
     except ValueError:
         raise ValueError(f"--prune-lookahead {value!r}: use auto or a fraction >= 0 (e.g. 0.125)") from None
-    if not math.isfinite(fraction) or fraction < 0:
-        raise ValueError(f"--prune-lookahead {value!r}: use auto or a fraction >= 0 (e.g. 0.125)")
     if fraction and pruner not in LOOKAHEAD_PRUNERS:
         raise ValueError(f"--prune-lookahead {value}: only --pruner successive_halving judges by look-ahead; "
                          "drop the option or use that pruner")

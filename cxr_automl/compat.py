@@ -69,8 +69,11 @@ def check_config(cfg: dict[str, Any]) -> str | None:
     if not combo.ok:
         return combo.reason
     data_task = cfg["dataset"].get("task")
+    if data_task is None:  # the loader's natural task (its factory's default), when it declares one
+        p = registry.factory_params(registry.load("dataset", cfg["dataset"]["name"])).get("task")
+        data_task = None if p is None or p.default is p.empty else p.default
     if combo.task and data_task and combo.task != data_task:
-        return (f"head {combo.head!r} does {combo.task} but dataset {cfg['dataset']['name']!r} is set to "
+        return (f"head {combo.head!r} does {combo.task} but dataset {cfg['dataset']['name']!r} gives "
                 f"task={data_task}: add dataset.task={combo.task} or choose a {data_task} head "
                 f"(`cxr-automl plugins --matrix`)")
     return None

@@ -85,6 +85,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     assert isinstance(plain, dict)
     for group in GROUPS:
         _check_component(group, plain[group])
+        _fill_defaults(group, plain[group])
     from cxr_automl.compat import check_config  # backbone × head × dataset task, before building
     reason = check_config(plain)
     if reason:
@@ -139,6 +140,16 @@ def _check_component(group: str, node: dict[str, Any]) -> None:
         options = [k for k in params if k not in SUPPLIED]
         raise ConfigError(f"{group} {node['name']!r} has no option {', '.join(unknown)}; "
                           f"its options: {', '.join(options)}")
+
+
+def _fill_defaults(group: str, node: dict[str, Any]) -> None:
+    """Options a component's YAML leaves out (e.g. the loader options every dataset shares, declared once
+    in ``data/options.py``) get their factory defaults, so the saved config is the complete one."""
+    defaults = _defaults_node(registry.load(group, node["name"]), node["name"])
+    params = registry.factory_params(registry.load(group, node["name"]))
+    for key, value in defaults.items():
+        if key not in node and (value is not None or params[key].default is None):
+            node[key] = value
 
 
 def _one_line(exc: Exception) -> str:

@@ -12,7 +12,7 @@ from PIL import Image
 from cxr_automl.data import Geometry, ImageReadError, decode_image
 from cxr_automl.data.cache import build_or_load
 from cxr_automl.data.images import load_resized
-from cxr_automl.data.records import Record, label_fraction_subset, patient_split
+from cxr_automl.data.records import Record, fraction_subset, patient_split
 from cxr_files import SHARED, write_dicom
 
 COVID = SHARED / "covid-seg-100" / "images"
@@ -85,16 +85,23 @@ def test_patient_split_is_deterministic_disjoint_and_proportional():
     assert set(patient_split(["a", "b", "c"]).values()) == {"train", "val", "test"}
 
 
-def test_label_fractions_are_nested_patient_level_subsets():
-    recs = [Record(f"i{i}", "", f"p{i // 2}", np.zeros(1, np.float32), "") for i in range(1000)]
-    subsets = {f: label_fraction_subset(recs, f, seed=0) for f in (0.01, 0.1, 0.3, 1.0)}
+def test_fractions_are_nested_stratified_patient_level_subsets():
+    # 1000 images of 500 patients; class 0 on 10 % of patients, class 1 on 30 %
+    recs = [Record(f"i{i}", "", f"p{i // 2}", np.array([(i // 2) % 10 == 0, (i // 2) % 10 in (1, 2, 3)],
+                                                      np.float32), "") for i in range(1000)]
+    subsets = {f: fraction_subset(recs, f, seed=0) for f in (0.01, 0.1, 0.3, 1.0)}
     ids = {f: {r.image_id for r in s} for f, s in subsets.items()}
     assert ids[0.01] < ids[0.1] < ids[0.3] < ids[1.0]
-    assert abs(len(ids[0.1]) - 100) <= 1 and abs(len(ids[0.3]) - 300) <= 1
+    assert abs(len(ids[0.1]) - 100) <= 4 and abs(len(ids[0.3]) - 300) <= 4
     for f, s in subsets.items():  # a patient is in or out with all their images
         patients = {r.patient for r in s}
         assert len(s) == sum(r.patient in patients for r in recs)
-    assert ids[0.1] == {r.image_id for r in label_fraction_subset(recs, 0.1, seed=0)}
+        if f >= 0.1:  # every stratum keeps its share (exactly, up to one patient)
+            share = np.stack([r.labels for r in s]).mean(axis=0)
+            assert abs(share[0] - 0.1) <= 2 / len(s) and abs(share[1] - 0.3) <= 2 / len(s), (f, share)
+    assert ids[0.1] == {r.image_id for r in fraction_subset(recs, 0.1, seed=0)}
+    assert ids[0.1] != {r.image_id for r in fraction_subset(recs, 0.1, seed=1)}
+    assert len(fraction_subset(recs, 0.0001, seed=0)) == 2  # never empty: one patient
 
 
 def _build(args):

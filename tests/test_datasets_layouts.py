@@ -155,9 +155,18 @@ def test_medmnist_official_splits_and_counts(tmp_path):
     assert item["image"].shape == (1, 32, 32)
     small = np.asarray(Image.fromarray((item["image"][0].numpy() * 255).astype(np.uint8)).resize((28, 28)))
     assert np.corrcoef(small.ravel(), raw.ravel())[0, 1] > 0.95  # the same picture, resized
-    low = build("medmnist", tmp_path, path=str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz"),
-                image_size=32, label_fraction=0.1)
-    assert abs(len(low.train) - 388) <= 1 and len(low.val) == 524
+    npz = str(SHARED / "pneumoniamnist" / "pneumoniamnist.npz")
+    neg_share = lambda lab: float((lab == 0).sum() / (~torch.isnan(lab)).sum())  # noqa: E731
+    full = neg_share(d.label_matrix("train"))
+    assert abs(full - 0.1) < 0.001  # 388 of 3882 PneumoniaMNIST training images are normal
+    for f in (0.1, 0.3):  # label_fraction: every image stays, the others' labels are unknown
+        low = build("medmnist", tmp_path, path=npz, image_size=32, label_fraction=f)
+        lab = low.label_matrix("train")
+        assert len(low.train) == 3882 and len(low.val) == 524
+        assert abs(int((~torch.isnan(lab)).sum()) - f * 3882) <= 2
+        assert abs(neg_share(lab) - full) < 0.003  # stratified: the class balance of the whole split
+        small = build("medmnist", tmp_path, path=npz, image_size=32, subset_fraction=f)  # fewer images
+        assert abs(len(small.train) - f * 3882) <= 2 and abs(neg_share(small.label_matrix("train")) - full) < 0.003
 
 
 def test_generic_csv_and_its_errors(tmp_path):

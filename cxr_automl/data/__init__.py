@@ -1,9 +1,10 @@
 """Shared machinery of the dataset plugins: decoding (``images``), records, splits and ``on_error``
-(``records``), the preprocessed cache (``cache``) and records → ``DatasetBundle`` (``dataset``)."""
+(``records``), the options every loader shares (``options``), the preprocessed cache (``cache``) and records → ``DatasetBundle`` (``dataset``)."""
 
 from cxr_automl.data.dataset import RecordSplit, build_bundle
 from cxr_automl.data.images import Geometry, ImageReadError, decode_image
+from cxr_automl.data.options import TASKS, LoaderOptions, loader
 from cxr_automl.data.records import DataError, FileIndex, Problems, Record, parse_label, read_csv
 
-__all__ = ["DataError", "FileIndex", "Geometry", "ImageReadError", "Problems", "Record", "RecordSplit",
-           "build_bundle", "decode_image", "parse_label", "read_csv"]
+__all__ = ["TASKS", "DataError", "FileIndex", "Geometry", "ImageReadError", "LoaderOptions", "Problems", "Record",
+           "RecordSplit", "build_bundle", "decode_image", "loader", "parse_label", "read_csv"]

@@ -136,24 +136,24 @@ class Geometry:
         return canvas
 
 
-def probe(path: str | Path) -> str | None:
+def probe(path: str | Path) -> tuple[tuple[int, int] | None, str | None]:
     """Cheap readability check from the file header only (for ``cache=false``, where nothing decodes
-    every file up front): None when it looks like an image, else the reason."""
+    every file up front): ``((width, height), None)`` when it looks like an image, else ``(None, reason)``.
+    The size lets boxes and masks be checked against their image without decoding it."""
     p = Path(path)
     if not p.is_file():
-        return "file not found"
+        return None, "file not found"
     try:
         if is_dicom(p):
             import pydicom
             ds = pydicom.dcmread(str(p), stop_before_pixels=True)
             if "Rows" not in ds:
-                return "DICOM file without image rows/columns"
-        else:
-            with Image.open(p) as im:
-                im.size  # noqa: B018 - opening parses the header; the size proves it is an image
+                return None, "DICOM file without image rows/columns"
+            return (int(ds.Columns), int(ds.Rows)), None
+        with Image.open(p) as im:
+            return (int(im.size[0]), int(im.size[1])), None  # opening parses the header only
     except Exception as exc:  # noqa: BLE001 - any parser failure means the same: not readable
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def load_resized(path: str | Path, geometry: Geometry) -> tuple[np.ndarray, tuple[int, int]]:

@@ -2,7 +2,7 @@
 
 Also here: reading a CSV with the line number of every row (so errors can name ``file:line``), finding
 image files under a root, the ``on_error=raise|skip`` policy, deterministic patient-level splits and
-nested label fractions.
+nested, stratified label and subset fractions.
 """
 
 from __future__ import annotations
@@ -190,23 +190,41 @@ def assign_splits(records: list[Record], seed: int, val_fraction: float = 0.1) -
             r.split = "train"
 
 
-def label_fraction_subset(records: list[Record], fraction: float, seed: int) -> list[Record]:
-    """The first ``fraction`` of training images, taking whole patients in seeded order.
+def fraction_subset(records: list[Record], fraction: float, seed: int, option: str = "label_fraction") -> list[Record]:
+    """A stratified, nested ``fraction`` of ``records``, taking whole patients.
 
-    Subsets are nested: the 1 % subset is inside the 10 %, which is inside the 30 % (one ordering, cut
-    at different points), so low-label results are comparable across fractions.
+    Patients are grouped by a stratum — the rarest class positive on any of their images (prevalence
+    over ``records``), or "no positive label" — and each stratum is cut at ``round(fraction × its
+    images)`` in one seeded patient order. So every class keeps its share (an unstratified cut of a
+    small split drifts: a 10 % draw of 400 images can lose a quarter of a 10 % class), and the subsets
+    are nested: the 1 % subset is inside the 10 %, inside the 30 %, so low-label results are comparable.
+    At least one patient is always taken.
     """
     if not 0 < fraction <= 1:
-        raise DataError(f"label_fraction={fraction}; use a number in (0, 1], e.g. 0.01, 0.1, 0.3, 1")
-    if fraction >= 1:
-        return records
+        raise DataError(f"{option}={fraction}; use a number in (0, 1], e.g. 0.01, 0.1, 0.3, 1")
+    if fraction >= 1 or not records:
+        return list(records)
     by_patient: dict[str, list[Record]] = {}
     for r in records:
         by_patient.setdefault(r.patient, []).append(r)
-    target = max(1, round(fraction * len(records)))
-    out: list[Record] = []
-    for p in sorted(by_patient, key=lambda p: _rank(p, seed + 7919)):
-        if len(out) >= target:
-            break
-        out.extend(by_patient[p])
-    return out
+    labels = np.stack([r.labels for r in records]).astype(np.float32)
+    prevalence = np.nansum(labels == 1, axis=0)
+    strata: dict[int, list[str]] = {}
+    for p, recs in by_patient.items():
+        pos = np.flatnonzero((np.stack([r.labels for r in recs]) == 1).any(axis=0))
+        key = int(pos[np.argmin(prevalence[pos])]) if len(pos) else -1
+        strata.setdefault(key, []).append(p)
+    taken: list[str] = []
+    for key in sorted(strata):
+        patients = sorted(strata[key], key=lambda p: _rank(p, seed + 7919))
+        target = round(fraction * sum(len(by_patient[p]) for p in patients))
+        n = 0
+        for p in patients:
+            if n >= target:
+                break
+            taken.append(p)
+            n += len(by_patient[p])
+    if not taken:  # a fraction too small for any stratum: the first patient of the overall order
+        taken = [min(by_patient, key=lambda p: _rank(p, seed + 7919))]
+    keep = set(taken)
+    return [r for r in records if r.patient in keep]

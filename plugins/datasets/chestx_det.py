@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader
 from cxr_automl.interfaces import DatasetBundle
 
 
@@ -44,17 +44,17 @@ def _load(path: Path) -> list[dict]:
     return doc
 
 
+@loader("detection")
 def chestx_det(root: str = "data/chestx-det", train_json: str = "ChestX_Det_train.json",
                test_json: str | None = "ChestX_Det_test.json", classes: list[str] | None = None, masks: bool = True,
-               image_size: int = 224, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
-               cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-               on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """ChestX-Det detection/segmentation JSON."""
+               *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """ChestX-Det JSON: detection of the syms' boxes (default), segmentation from the polygons (one
+    union mask per class), or classification ("has this sym"). Entries without syms are negatives."""
     base = Path(root).expanduser()
     files = [(base / train_json, "train")] + ([(base / test_json, "test")] if test_json else [])
     docs = [(p, split, _load(p)) for p, split in files]
     names = list(classes) if classes else sorted({s for _, _, d in docs for e in d for s in e.get("syms", [])})
-    problems = Problems(on_error, "chestx_det")
+    problems = Problems(opts.on_error, "chestx_det")
     index = FileIndex(base)
     records = []
     for path, split, doc in docs:
@@ -86,8 +86,6 @@ def chestx_det(root: str = "data/chestx-det", train_json: str = "ChestX_Det_trai
                                   source=where, split=split, boxes=np.array(boxes, np.float32).reshape(-1, 4),
                                   box_labels=np.array(cls, np.int64), mask=list(zip(cls, polys))))
     has_masks = masks and any(r.mask for r in records)
-    return build_bundle("chestx_det", records, names, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=True,
+    return build_bundle("chestx_det", records, names, problems, opts, task=task, has_boxes=True,
                         mask_fn=PolygonMasks(len(names)) if has_masks else None,
                         structures=names if has_masks else ())

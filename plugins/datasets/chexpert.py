@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, Problems, Record, build_bundle, parse_label, read_csv
+from cxr_automl.data import DataError, LoaderOptions, Problems, Record, build_bundle, loader, parse_label, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -44,14 +44,13 @@ def resolve(root: Path, rel: str) -> Path | None:
     return None
 
 
+@loader("classification")
 def chexpert(root: str = "data/CheXpert-v1.0-small", train_csv: str = "train.csv", valid_csv: str = "valid.csv",
              uncertain: str = "ones", blank: str = "zeros", frontal_only: bool = True, competition5: bool = False,
-             valid_as: str = "test", image_size: int = 224, fit: str = "stretch", cache: bool = True,
-             cache_dir: str | None = None, cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
-             label_fraction: float = 1.0, on_error: str = "raise", augment: bool = True) -> DatasetBundle:
+             valid_as: str = "test", *, task: str, opts: LoaderOptions) -> DatasetBundle:
     """CheXpert, 14 observations (or the 5 competition ones with ``competition5=true``)."""
     base = Path(root).expanduser()
-    problems = Problems(on_error, "chexpert")
+    problems = Problems(opts.on_error, "chexpert")
     classes = COMPETITION if competition5 else CLASSES
     table = policy(uncertain, blank)
     if valid_as not in ("test", "val"):
@@ -75,7 +74,5 @@ def chexpert(root: str = "data/CheXpert-v1.0-small", train_csv: str = "train.csv
             patient = next((p for p in Path(row["Path"]).parts if p.startswith("patient")), row["Path"])
             records.append(Record(image_id=row["Path"], path=str(path), patient=patient,
                                   labels=np.array(values, np.float32), source=where, split=split))
-    return build_bundle("chexpert", records, classes, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment,
+    return build_bundle("chexpert", records, classes, problems, opts, task=task,
                         extras={"policy": {"uncertain": uncertain, "blank": blank}})

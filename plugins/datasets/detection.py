@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader
 from cxr_automl.interfaces import DatasetBundle
 
 
@@ -100,13 +100,19 @@ def _coco_records(path: Path, images: Path | None, split: str | None, problems: 
     return records, names
 
 
+@loader("detection")
 def coco(annotations: Any = "data/coco/annotations.json", images: str | None = None, masks: bool = True,
-         patient_field: str | None = None, image_size: int = 224, fit: str = "stretch", cache: bool = True,
-         cache_dir: str | None = None, cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
-         label_fraction: float = 1.0, on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """COCO detection/segmentation. ``annotations``: one JSON (split 80/10/10 by ``patient_field`` or
-    image) or a mapping ``{train: a.json, val: b.json, test: c.json}`` (val may be left out)."""
-    problems = Problems(on_error, "coco")
+         patient_field: str | None = None, *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """COCO detection (default), segmentation (from the annotations' polygons or RLE, one union mask
+    per category) or classification ("has this category"). ``annotations``: one JSON (split 80/10/10
+    by ``patient_field`` or image) or a mapping ``{train: a.json, val: b.json, test: c.json}`` (val
+    may be left out). Images without annotations stay as negatives."""
+    return _coco("coco", annotations, images, masks, patient_field, task, opts)
+
+
+def _coco(name: str, annotations: Any, images: str | None, masks: bool, patient_field: str | None, task: str,
+          opts: LoaderOptions) -> DatasetBundle:
+    problems = Problems(opts.on_error, name)
     files = dict(annotations) if isinstance(annotations, dict) or hasattr(annotations, "items") else {None: annotations}
     bad = [k for k in files if k not in (None, "train", "val", "test")]
     if bad:
@@ -118,26 +124,22 @@ def coco(annotations: Any = "data/coco/annotations.json", images: str | None = N
         records.extend(recs)
     assert classes is not None
     has_masks = masks and any(r.mask for r in records)
-    return build_bundle("coco", records, classes, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=True,
+    return build_bundle(name, records, classes, problems, opts, task=task, has_boxes=True,
                         mask_fn=CocoMasks(len(classes)) if has_masks else None,
                         structures=classes if has_masks else ())
 
 
+@loader("detection")
 def tbx11k(root: str = "data/TBX11K", train_json: str = "annotations/json/TBX11K_train.json",
-           val_json: str = "annotations/json/TBX11K_val.json", images: str = "imgs", image_size: int = 224,
-           fit: str = "stretch", cache: bool = True, cache_dir: str | None = None, cache_workers: int = 0,
-           seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0, on_error: str = "raise",
-           augment: bool = True) -> DatasetBundle:
+           val_json: str = "annotations/json/TBX11K_val.json", images: str = "imgs", *, task: str,
+           opts: LoaderOptions) -> DatasetBundle:
     """TBX11K as published: COCO JSONs for train and val, images under ``imgs/{health,sick,tb}/``.
     Its test labels are withheld, so the official val set is the test split here and val is
-    ``val_fraction`` of train. Images without a box (healthy, sick-but-not-TB) are all-negative."""
+    ``val_fraction`` of train. Images without a box (healthy, sick-but-not-TB) stay in every split as negatives, as in the
+    TBX11K protocol. Detection by default; classification gives "has a box of this class"."""
     base = Path(root).expanduser()
-    return coco(annotations={"train": str(base / train_json), "test": str(base / val_json)}, images=str(base / images),
-                masks=False, image_size=image_size, fit=fit, cache=cache, cache_dir=cache_dir,
-                cache_workers=cache_workers, seed=seed, val_fraction=val_fraction, label_fraction=label_fraction,
-                on_error=on_error, augment=augment)
+    return _coco("tbx11k", {"train": str(base / train_json), "test": str(base / val_json)}, str(base / images),
+                 False, None, task, opts)
 
 
 def _yolo_names(doc: dict, where: Path) -> list[str]:
@@ -149,19 +151,19 @@ def _yolo_names(doc: dict, where: Path) -> list[str]:
     raise DataError(f"{where}: 'names' must be a list or an index → name mapping")
 
 
-def yolo(data: str = "data/yolo/data.yaml", image_size: int = 224, fit: str = "stretch", cache: bool = True,
-         cache_dir: str | None = None, cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1,
-         label_fraction: float = 1.0, on_error: str = "raise", augment: bool = True) -> DatasetBundle:
+@loader("detection")
+def yolo(data: str = "data/yolo/data.yaml", *, task: str, opts: LoaderOptions) -> DatasetBundle:
     """Ultralytics YOLO layout: ``data.yaml`` (``path``, ``train``/``val``/``test`` image folders,
     ``names``); each image ``images/x/a.png`` has ``labels/x/a.txt`` with ``class cx cy w h`` per line,
-    normalised to [0, 1]. An image without a label file has no boxes (a negative image)."""
+    normalised to [0, 1]. An image without a label file (or with an empty one) has no boxes: a negative
+    image, kept. Detection by default; classification gives "has a box of this class"."""
     cfg_path = Path(data).expanduser()
     if not cfg_path.is_file():
         raise DataError(f"{cfg_path}: data.yaml not found; set dataset.data")
     doc = yaml.safe_load(cfg_path.read_text()) or {}
     names = _yolo_names(doc, cfg_path)
     base = (cfg_path.parent / doc.get("path", ".")).resolve()
-    problems = Problems(on_error, "yolo")
+    problems = Problems(opts.on_error, "yolo")
     records: list[Record] = []
     for split in ("train", "val", "test"):
         if not doc.get(split):
@@ -198,6 +200,4 @@ def yolo(data: str = "data/yolo/data.yaml", image_size: int = 224, fit: str = "s
             records.append(Record(image_id=rel, path=img, patient=rel, labels=labels, source=str(label_file),
                                   split=split, boxes=np.array(boxes, np.float32).reshape(-1, 4),
                                   box_labels=np.array(cls, np.int64)))
-    return build_bundle("yolo", records, names, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=True, boxes_normalized=True)
+    return build_bundle("yolo", records, names, problems, opts, task=task, has_boxes=True, boxes_normalized=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader
 from cxr_automl.interfaces import DatasetBundle
 
 
@@ -52,12 +52,42 @@ class FolderMasks:
         return None
 
 
+def stems(name: str) -> list[str]:
+    """The name with 1, 2, … of its trailing suffixes removed: ``JPCLN001.IMG.png`` → ``JPCLN001.IMG``,
+    ``JPCLN001`` (JSRT/SCR copies name the image ``JPCLN001.IMG.png`` and its masks ``JPCLN001.png``)."""
+    out = []
+    while "." in name.lstrip("."):
+        name = name.rsplit(".", 1)[0]
+        out.append(name)
+    return out
+
+
+class MaskIndex:
+    """One structure's mask files, looked up by the image's file name, then by its stems from the
+    longest (``a.webp-day5.png`` pairs with ``a.webp-day5.png`` and never with ``a.webp-day10``)."""
+
+    def __init__(self, folder: Path):
+        self.files = FileIndex(folder)
+
+    def find(self, image_name: str) -> str | None:
+        for key in (image_name, *stems(image_name)):
+            hit = self.files.by_name.get(key) or self.files.by_stem.get(key)
+            if hit is not None:
+                return hit
+        return None
+
+    @staticmethod
+    def tried(image_name: str) -> str:
+        return ", ".join([image_name, *(f"{s}.*" for s in stems(image_name))])
+
+
+@loader("segmentation")
 def mask_folder(root: str = "data/jsrt", images: str = "images", masks: str = "masks",
                 structures: list[str] | None = None, label_regex: str | None = None, label_name: str = "abnormal",
-                image_size: int = 224, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
-                cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-                on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """Images with one binary mask per structure."""
+                *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """Images with one binary mask per structure: segmentation of the structures (default), or
+    classification — of ``label_regex``'s flag when set, else "structure present". A mask pairs with
+    its image by the same file name, the same stem, or the same name without all suffixes."""
     base = Path(root).expanduser()
     mask_root = base / masks
     if not mask_root.is_dir():
@@ -65,15 +95,17 @@ def mask_folder(root: str = "data/jsrt", images: str = "images", masks: str = "m
     names = list(structures) if structures else sorted(p.name for p in mask_root.iterdir() if p.is_dir())
     if not names:
         raise DataError(f"{mask_root}: no structure sub-folders; set dataset.structures")
-    indexes = {s: FileIndex(mask_root / s) for s in names}
-    pattern = re.compile(label_regex) if label_regex else None
-    problems = Problems(on_error, "mask_folder")
+    indexes = {s: MaskIndex(mask_root / s) for s in names}
+    pattern = re.compile(label_regex) if label_regex and task == "classification" else None
+    problems = Problems(opts.on_error, "mask_folder")
     records = []
-    for name, path in sorted(FileIndex(base / images).by_name.items()):
+    image_files = sorted(FileIndex(base / images).by_name.items())
+    for name, path in image_files:
         found = [indexes[s].find(name) for s in names]
         if None in found:
             missing = [s for s, f in zip(names, found) if f is None]
-            problems("missing", f"{path}: no mask for structure(s) {', '.join(missing)} under {mask_root}")
+            problems("missing", f"{path}: no mask for structure(s) {', '.join(missing)} under {mask_root} "
+                                f"(tried {MaskIndex.tried(name)})")
             continue
         if pattern:
             m = pattern.search(name)
@@ -83,9 +115,12 @@ def mask_folder(root: str = "data/jsrt", images: str = "images", masks: str = "m
             labels = np.array([float(m.group(1))], np.float32)
         else:
             labels = np.array([float(read_mask(f).any()) for f in found], np.float32)  # type: ignore[arg-type]
-        records.append(Record(image_id=name, path=path, patient=Path(name).stem, labels=labels, source=path,
+        records.append(Record(image_id=name, path=path, patient=stems(name)[-1] if stems(name) else name, labels=labels, source=path,
                               mask=found))
-    return build_bundle("mask_folder", records, [label_name] if pattern else names, problems, image_size=image_size,
-                        fit=fit, cache=cache, cache_dir=cache_dir, cache_workers=cache_workers, seed=seed,
-                        val_fraction=val_fraction, label_fraction=label_fraction, augment=augment,
+    if not records and image_files:
+        name = image_files[0][0]
+        raise DataError(f"mask_folder: no image under {base / images} has a mask in every structure folder of "
+                        f"{mask_root} ({', '.join(names)}); for {name!r} the names tried were "
+                        f"{MaskIndex.tried(name)}")
+    return build_bundle("mask_folder", records, [label_name] if pattern else names, problems, opts, task=task,
                         mask_fn=FolderMasks(), mask_check=FolderMasks.check, structures=names)

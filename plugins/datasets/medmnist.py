@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, Geometry, Problems, Record, build_bundle
+from cxr_automl.data import DataError, Geometry, LoaderOptions, Problems, Record, build_bundle, loader
 from cxr_automl.interfaces import DatasetBundle
 
 
@@ -41,10 +41,9 @@ class NpzDecoder:
         return geometry.image(img.astype(np.float32) / 255.0), (img.shape[1], img.shape[0])
 
 
-def medmnist(path: str = "data/pneumoniamnist.npz", class_names: list[str] | None = None, image_size: int = 64,
-             fit: str = "stretch", cache: bool = True, cache_dir: str | None = None, cache_workers: int = 0,
-             seed: int = 0, label_fraction: float = 1.0, on_error: str = "raise",
-             augment: bool = True) -> DatasetBundle:
+@loader("classification", image_size=64)
+def medmnist(path: str = "data/pneumoniamnist.npz", class_names: list[str] | None = None, *, task: str,
+             opts: LoaderOptions) -> DatasetBundle:
     """MedMNIST archive; ``class_names`` default: ``class_<k>`` (binary: one class, ``class_1``)."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -61,7 +60,7 @@ def medmnist(path: str = "data/pneumoniamnist.npz", class_names: list[str] | Non
         [f"class_{i}" for i in range(k)] if multilabel or k > 2 else ["class_1"])
     if len(names) != (k if multilabel or k > 2 else 1):
         raise DataError(f"class_names has {len(names)} names; {file} has {k if multilabel or k > 2 else 1} classes")
-    problems = Problems(on_error, "medmnist")
+    problems = Problems(opts.on_error, "medmnist")
     records = []
     for split, lab in labels.items():
         for i, row in enumerate(lab):
@@ -73,6 +72,4 @@ def medmnist(path: str = "data/pneumoniamnist.npz", class_names: list[str] | Non
                 y = np.array([float(row[0])], np.float32)
             records.append(Record(image_id=f"{file.stem}/{split}/{i:05d}", path=f"{file}::{split}_images::{i}",
                                   patient=f"{split}/{i}", labels=y, source=f"{file}:{split}_labels[{i}]", split=split))
-    return build_bundle("medmnist", records, names, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, label_fraction=label_fraction,
-                        augment=augment, decoder=NpzDecoder())
+    return build_bundle("medmnist", records, names, problems, opts, task=task, decoder=NpzDecoder())

@@ -3,8 +3,13 @@
 Layout under ``root``: ``Data_Entry_2017*.csv`` (``Finding Labels`` pipe-separated, ``No Finding`` for
 none), images anywhere below ``root`` (the release spreads them over ``images_001/images/`` …),
 optional ``train_val_list.txt`` / ``test_list.txt`` (the official patient-disjoint split; val is then
-``val_fraction`` of the train_val patients) and optional ``BBox_List_2017.csv`` (boxes of 8 findings on
-984 test images, for weak-localization evaluation; exposed as ``boxes``/``box_labels`` in items).
+``val_fraction`` of the train_val patients) and optional ``BBox_List_2017.csv`` (984 boxes of 8 findings on 880 images of 726 patients, all in the
+official test list; exposed as ``boxes``/``box_labels`` in items, for weak-localization evaluation).
+
+``task=detection`` trains on those 880 images only (an image without a box there has unlocalized
+findings, not none, so it cannot be a negative); as they all lie in the official test list, they get
+their own seeded patient-level split (``val_fraction`` each for val and test) and the box classes are
+the 8 findings of the box file.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle, read_csv
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+BOX_CLASSES = CLASSES[:8]  # the findings BBox_List_2017.csv localizes
 NO_FINDING = "No Finding"
 
 
@@ -47,18 +53,18 @@ def read_boxes(path: Path, problems: Problems) -> dict[str, list[tuple[list[floa
     return out
 
 
+@loader("classification")
 def nih_cxr14(root: str = "data/nih_cxr14", labels_csv: str | None = None, images: str | None = None,
-              official_split: bool = True, boxes: bool = True, view: str = "all",
-              image_size: int = 224, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
-              cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-              on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """NIH ChestX-ray14 (14 findings, multi-label). ``view``: all | PA | AP."""
+              official_split: bool = True, boxes: bool = True, view: str = "all", *, task: str,
+              opts: LoaderOptions) -> DatasetBundle:
+    """NIH ChestX-ray14: classification of 14 findings, multi-label (default), or detection of the 8
+    boxed findings on the images of ``BBox_List_2017.csv``. ``view``: all | PA | AP."""
     base = Path(root).expanduser()
-    problems = Problems(on_error, "nih_cxr14")
+    problems = Problems(opts.on_error, "nih_cxr14")
     csv_path = Path(labels_csv) if labels_csv else _find_one(base, "Data_Entry_2017*.csv", "labels_csv")
     index = FileIndex(Path(images) if images else base)
     split_of: dict[str, str] = {}
-    if official_split and (base / "test_list.txt").exists():
+    if official_split and task != "detection" and (base / "test_list.txt").exists():
         for split, fname in (("train", "train_val_list.txt"), ("test", "test_list.txt")):
             if (base / fname).exists():
                 split_of.update({ln.strip(): split for ln in (base / fname).read_text().split() if ln.strip()})
@@ -94,7 +100,8 @@ def nih_cxr14(root: str = "data/nih_cxr14", labels_csv: str | None = None, image
             problems("split", f"{orphans[0].source}: {orphans[0].image_id} is in neither train_val_list.txt nor "
                               f"test_list.txt ({len(orphans)} such rows)")
             records = [r for r in records if r.split is not None]
-    return build_bundle("nih_cxr14", records, CLASSES, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=bool(box_map),
+    if task == "detection":
+        records = [r for r in records if r.image_id in box_map]
+    return build_bundle("nih_cxr14", records, CLASSES, problems, opts, task=task, has_boxes=bool(box_map),
+                        box_classes=BOX_CLASSES,
                         extras={"labels_csv": str(csv_path)})

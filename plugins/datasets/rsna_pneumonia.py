@@ -13,21 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import FileIndex, Problems, Record, build_bundle, read_csv
+from cxr_automl.data import FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 CLASSES = ["Pneumonia"]
 
 
+@loader("classification")
 def rsna_pneumonia(root: str = "data/rsna-pneumonia", labels_csv: str = "stage_2_train_labels.csv",
-                   images: str = "stage_2_train_images", image_size: int = 224, fit: str = "stretch",
-                   cache: bool = True, cache_dir: str | None = None, cache_workers: int = 0, seed: int = 0,
-                   val_fraction: float = 0.1, label_fraction: float = 1.0, on_error: str = "raise",
-                   augment: bool = True) -> DatasetBundle:
-    """RSNA pneumonia: one class, with lung-opacity boxes."""
+                   images: str = "stage_2_train_images", *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """RSNA pneumonia: classification of ``Target`` (default) or detection of its lung-opacity boxes;
+    Target-0 images stay in every split as negatives (the challenge scores them too)."""
     base = Path(root).expanduser()
     csv_path = base / labels_csv
-    problems = Problems(on_error, "rsna_pneumonia")
+    problems = Problems(opts.on_error, "rsna_pneumonia")
     index = FileIndex(base / images if (base / images).is_dir() else base)
     groups: dict[str, dict] = {}
     bad: set[str] = set()
@@ -66,6 +65,4 @@ def rsna_pneumonia(root: str = "data/rsna-pneumonia", labels_csv: str = "stage_2
         boxes = np.array(g["boxes"], np.float32).reshape(-1, 4)
         records.append(Record(image_id=pid, path=path, patient=pid, labels=np.array([float(len(boxes) > 0)], np.float32),
                               source=g["where"], boxes=boxes, box_labels=np.zeros(len(boxes), np.int64)))
-    return build_bundle("rsna_pneumonia", records, CLASSES, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=True)
+    return build_bundle("rsna_pneumonia", records, CLASSES, problems, opts, task=task, has_boxes=True)

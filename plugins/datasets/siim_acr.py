@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle, read_csv
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 CLASSES = ["Pneumothorax"]
@@ -95,16 +95,16 @@ class SiimMasks:
         return None
 
 
+@loader("segmentation")
 def siim_acr(root: str = "data/siim-acr-pneumothorax", labels_csv: str = "train-rle.csv", rle: str = "relative",
-             image_size: int = 224, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
-             cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-             on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """SIIM-ACR pneumothorax: one class with its segmentation mask."""
+             *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """SIIM-ACR pneumothorax: segmentation of its RLE masks (default; images with ``-1`` are empty-mask
+    negatives, kept) or classification of the same label."""
     if rle not in ("relative", "absolute"):
         raise DataError(f"rle={rle!r}; use relative (original SIIM file) or absolute (stage-2 file)")
     base = Path(root).expanduser()
     csv_path = base / labels_csv
-    problems = Problems(on_error, "siim_acr")
+    problems = Problems(opts.on_error, "siim_acr")
     index = FileIndex(base)
     groups: dict[str, dict] = {}
     bad: set[str] = set()
@@ -129,7 +129,5 @@ def siim_acr(root: str = "data/siim-acr-pneumothorax", labels_csv: str = "train-
         records.append(Record(image_id=image_id, path=path, patient=image_id, labels=np.array([float(positive)], np.float32),
                               source=";".join(g["where"]), mask=g["rles"]))
     masks = SiimMasks(rle)
-    return build_bundle("siim_acr", records, CLASSES, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, mask_fn=masks, mask_check=masks.check,
+    return build_bundle("siim_acr", records, CLASSES, problems, opts, task=task, mask_fn=masks, mask_check=masks.check,
                         structures=CLASSES)

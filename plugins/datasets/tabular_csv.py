@@ -15,24 +15,22 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, Problems, Record, build_bundle, parse_label, read_csv
+from cxr_automl.data import DataError, LoaderOptions, Problems, Record, build_bundle, loader, parse_label, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
 
 
+@loader("classification")
 def tabular_csv(path: str = "data/labels.csv", images: str | None = None, image_col: str = "image",
                 label_cols: list[str] | None = None, findings_col: str | None = None, findings_sep: str = "|",
                 no_finding: str = "No Finding", patient_col: str | None = None, split_col: str | None = None,
-                uncertain: str = "error", delimiter: str = ",", image_size: int = 224, fit: str = "stretch",
-                cache: bool = True, cache_dir: str | None = None, cache_workers: int = 0, seed: int = 0,
-                val_fraction: float = 0.1, label_fraction: float = 1.0, on_error: str = "raise",
-                augment: bool = True) -> DatasetBundle:
+                uncertain: str = "error", delimiter: str = ",", *, task: str, opts: LoaderOptions) -> DatasetBundle:
     """Generic multi-label CSV. ``uncertain``: error | ones | zeros | ignore for -1 cells."""
     csv_path = Path(path).expanduser()
     image_root = Path(images).expanduser() if images else csv_path.parent
-    problems = Problems(on_error, "csv")
+    problems = Problems(opts.on_error, "csv")
     if (label_cols is None) == (findings_col is None):
         raise DataError("set exactly one of dataset.label_cols (one 0/1 column per class) or "
                         "dataset.findings_col (one column of separated class names)")
@@ -70,6 +68,4 @@ def tabular_csv(path: str = "data/labels.csv", images: str | None = None, image_
         records.append(Record(image_id=row[image_col], path=str(image),
                               patient=row[patient_col] if patient_col else row[image_col],
                               labels=np.array(values, np.float32), source=where, split=split))
-    return build_bundle("csv", records, classes, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, extras={"labels_csv": str(csv_path)})
+    return build_bundle("csv", records, classes, problems, opts, task=task, extras={"labels_csv": str(csv_path)})

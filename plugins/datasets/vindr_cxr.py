@@ -8,8 +8,12 @@ below ``root`` as ``<image_id>.dicom`` / ``.dcm`` / ``.png``.
 class, ``votes`` = the number of distinct radiologists who marked it; the image label is 1 when
 ``votes >= min_votes`` where ``fusion=any`` → 1, ``majority`` → more than half of the image's
 readers, ``all`` → every reader. Boxes are kept from every reader who marked a class that is
-positive after fusion (no box merging; a detection head can apply WBF/NMS). ``No finding`` is not a
-class: an image is negative for every class nobody (or too few) marked.
+positive after fusion. ``boxes=fused`` (default) merges them: per class, readers' boxes that overlap
+(IoU >= ``box_iou``) form one finding whose box is their mean, kept when at least as many readers as
+the label rule needs drew it (so a class positive by votes whose readers drew disjoint boxes has no
+box, and is negative for detection); ``boxes=all`` keeps every reader's box. ``No finding`` is not a
+class: an image is negative for every class nobody (or too few) marked, and "No finding" images stay
+in every split as detection negatives, as in the VinBigData protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, FileIndex, Problems, Record, build_bundle, read_csv
+from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
 from cxr_automl.interfaces import DatasetBundle
 
 CLASSES = ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
@@ -38,15 +42,44 @@ def min_votes(fusion: str, readers: int) -> int:
     raise DataError(f"fusion={fusion!r}; use any, majority or all")
 
 
+def fuse_boxes(marks: list[tuple[str, list[float]]], need: int, iou: float) -> list[list[float]]:
+    """One class's (reader, box) marks → fused boxes: greedy clusters of boxes from distinct readers
+    overlapping the cluster's first box by ``iou``; a cluster of ``need`` or more readers gives the
+    mean of its boxes."""
+    left = sorted(marks, key=lambda m: -(m[1][2] - m[1][0]) * (m[1][3] - m[1][1]))
+    out = []
+    while left:
+        (reader, seed_box), rest = left[0], left[1:]
+        cluster, left, seen = [seed_box], [], {reader}
+        for r, b in rest:
+            if r not in seen and _iou(seed_box, b) >= iou:
+                cluster.append(b)
+                seen.add(r)
+            else:
+                left.append((r, b))
+        if len(seen) >= need:
+            out.append(np.mean(np.array(cluster, np.float32), axis=0).tolist())
+    return out
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+@loader("classification")
 def vindr_cxr(root: str = "data/vindr-cxr", labels_csv: str = "train.csv", fusion: str = "majority",
-              image_size: int = 224, fit: str = "stretch", cache: bool = True, cache_dir: str | None = None,
-              cache_workers: int = 0, seed: int = 0, val_fraction: float = 0.1, label_fraction: float = 1.0,
-              on_error: str = "raise", augment: bool = True) -> DatasetBundle:
-    """VinDr-CXR: 14 local findings fused over radiologists, with their boxes."""
+              boxes: str = "fused", box_iou: float = 0.4, *, task: str, opts: LoaderOptions) -> DatasetBundle:
+    """VinDr-CXR: classification of 14 local findings fused over radiologists (default), or detection
+    of their boxes (fused or all, see the module docstring)."""
     min_votes(fusion, 3)  # validate early
+    if boxes not in ("fused", "all"):
+        raise DataError(f"boxes={boxes!r}; use fused (one box per finding agreed by readers) or all (every reader's)")
     base = Path(root).expanduser()
     csv_path = base / labels_csv
-    problems = Problems(on_error, "vindr_cxr")
+    problems = Problems(opts.on_error, "vindr_cxr")
     index = FileIndex(base)
     groups: dict[str, dict] = {}
     bad: set[str] = set()
@@ -81,7 +114,11 @@ def vindr_cxr(root: str = "data/vindr-cxr", labels_csv: str = "train.csv", fusio
         need = min_votes(fusion, len(g["readers"]))
         votes = {c: len({r for cc, r, _ in g["marks"] if cc == c}) for c in range(len(CLASSES))}
         labels = np.array([float(votes[c] >= need) for c in range(len(CLASSES))], np.float32)
-        kept = [(c, b) for c, _, b in g["marks"] if labels[c]]
+        if boxes == "all":
+            kept = [(c, b) for c, _, b in g["marks"] if labels[c]]
+        else:
+            kept = [(c, b) for c in range(len(CLASSES)) if labels[c]
+                    for b in fuse_boxes([(r, bb) for cc, r, bb in g["marks"] if cc == c], need, box_iou)]
         path = index.find(image_id)
         if path is None:
             problems("missing", f"{g['where']}: image {image_id}.dicom not found under {index.root}")
@@ -90,7 +127,5 @@ def vindr_cxr(root: str = "data/vindr-cxr", labels_csv: str = "train.csv", fusio
                               boxes=np.array([b for _, b in kept], np.float32).reshape(-1, 4),
                               box_labels=np.array([c for c, _ in kept], np.int64),
                               ))
-    return build_bundle("vindr_cxr", records, CLASSES, problems, image_size=image_size, fit=fit, cache=cache,
-                        cache_dir=cache_dir, cache_workers=cache_workers, seed=seed, val_fraction=val_fraction,
-                        label_fraction=label_fraction, augment=augment, has_boxes=True,
-                        extras={"fusion": fusion})
+    return build_bundle("vindr_cxr", records, CLASSES, problems, opts, task=task, has_boxes=True,
+                        extras={"fusion": fusion, "boxes": boxes})

@@ -21,6 +21,7 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class CheckReport:
     dataset: str
+    task: str
     images: dict[str, int]  # split -> usable images
     patients: dict[str, int | None]
     skipped: dict[str, int]  # problem kind -> count
@@ -45,14 +46,14 @@ class CheckReport:
 
 def check(overrides: list[str] | tuple[str, ...] = (), mask_samples: int = 200) -> CheckReport:
     """Build the configured dataset and summarise it (see the module docstring)."""
-    cfg = config.compose(list(overrides))
+    cfg = config.compose(list(overrides), check_task=False)  # the dataset alone: any head
     node = dict(cfg["dataset"])
     name = node.pop("name")
     if "on_error" in registry.factory_params(registry.load("dataset", name)):
         node["on_error"] = "skip"
     data: DatasetBundle = registry.build("dataset", name, **node)
     report = data.extras.get("report", {})
-    rep = CheckReport(dataset=name, images={s: len(getattr(data, s)) for s in SPLITS},
+    rep = CheckReport(dataset=name, task=data.task, images={s: len(getattr(data, s)) for s in SPLITS},
                       patients={s: (len(data.extras[f"{s}_patients"]) if f"{s}_patients" in data.extras else None)
                                 for s in SPLITS},
                       skipped=dict(report.get("skipped", {})), examples=list(report.get("examples", [])),
@@ -99,7 +100,7 @@ def render(rep: CheckReport) -> list:
     """rich renderables: overview, labels per class and split, boxes, masks, problems."""
     from rich.table import Table
     out: list = []
-    t = Table(title=f"dataset {rep.dataset}")
+    t = Table(title=f"dataset {rep.dataset} (task {rep.task})")
     for col in ("split", "images", "patients", *(["images with boxes"] if rep.images_with_boxes else [])):
         t.add_column(col, justify="right" if col != "split" else "left")
     for s in SPLITS:

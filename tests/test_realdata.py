@@ -238,3 +238,20 @@ def test_mlvicx_pretrains_on_every_training_image_at_label_fraction_0_1(tmp_path
     trainer.fit()
     assert trainer.step == 3882 // 512  # pretraining went over the whole training split (full batches)
     assert np.isclose(float((labels[known] == 0).float().mean()), 388 / 3882, atol=0.005)  # stratified
+
+
+@pytest.mark.slow
+def test_cli_train_and_data_check_on_a_real_layout_as_a_user_types_them(layouts, in_tmp):
+    from conftest import run_cli
+    check = json.loads(run_cli("data", "check", *layouts["mask_folder"], "dataset.image_size=32", "--json",
+                               cwd=in_tmp).stdout)
+    assert check["task"] == "segmentation" and check["classes"] == list(ANATOMY) and check["ok"]
+    bad = run_cli("train", *layouts["mask_folder"], "head=yolov8", cwd=in_tmp, check=False)
+    assert bad.returncode == 2 and "head 'yolov8' does detection but dataset 'mask_folder' gives " \
+                                  "task=segmentation" in bad.stderr
+    run_cli("train", *layouts["mask_folder"], "head=upernet", "backbone=resnet_tiny", "backbone.width=8",
+            "head.hidden=16", "strategy=finetune", "strategy.epochs=1", "dataset.image_size=32",
+            "backbone.image_size=32", "trainer.batch_size=6", "trainer.progress=false", "run_dir=runs/jsrt",
+            cwd=in_tmp)
+    metrics = json.loads((in_tmp / "runs" / "jsrt" / "metrics.json").read_text())
+    assert 0 <= metrics["test/mean_dice"] <= 1 and (in_tmp / "runs" / "jsrt" / "predictions.csv").is_file()

@@ -255,3 +255,31 @@ def test_cli_train_and_data_check_on_a_real_layout_as_a_user_types_them(layouts,
             cwd=in_tmp)
     metrics = json.loads((in_tmp / "runs" / "jsrt" / "metrics.json").read_text())
     assert 0 <= metrics["test/mean_dice"] <= 1 and (in_tmp / "runs" / "jsrt" / "predictions.csv").is_file()
+
+
+@pytest.mark.slow
+def test_nih_detection_uses_the_880_images_of_the_real_box_list(tmp_path):
+    """The real BBox_List_2017.csv (all 984 rows), joined with Data_Entry rows for its images (their box
+    findings as labels) and flat 1024 px images, without the cache (the headers give the sizes)."""
+    import csv as csv_mod
+
+    from cxr_files import flat_png
+    rows = list(csv_mod.reader(open(SHARED / "labels" / "BBox_List_2017.csv")))[1:]
+    findings: dict[str, set[str]] = {}
+    for r in rows:
+        findings.setdefault(r[0], set()).add(r[1].replace("Infiltrate", "Infiltration"))
+    header = (SHARED / "labels" / "Data_Entry_2017_v2020.csv").read_text().splitlines()[0]
+    entries = [f"{name},{'|'.join(sorted(f))},0,{int(name[:8])},50,M,PA,1024,1024,0.14,0.14"
+               for name, f in sorted(findings.items())]
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_text("\n".join([header, *entries]) + "\n")
+    (tmp_path / "BBox_List_2017.csv").write_text((SHARED / "labels" / "BBox_List_2017.csv").read_text())
+    for name in findings:
+        flat_png(tmp_path / "images_001" / "images" / name, 1024, 1024)
+    d = registry.build("dataset", "nih_cxr14", root=str(tmp_path), task="detection", cache=False, image_size=64)
+    splits = (d.train, d.val, d.test)
+    assert sum(len(s) for s in splits) == 880 and d.class_names == ["Atelectasis", "Cardiomegaly", "Effusion",
+                                                                    "Infiltration", "Mass", "Nodule", "Pneumonia",
+                                                                    "Pneumothorax"]
+    assert sum(len(d.extras[f"{s}_patients"]) for s in ("train", "val", "test")) == 726  # patient-level split
+    assert sum(len(b) for s in ("train", "val", "test") for b in d.extras[f"{s}_box_labels"]) == 984
+    assert all(len(s[i]["boxes"]) for s in splits for i in range(0, len(s), 50))  # no negatives: all boxed

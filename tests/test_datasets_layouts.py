@@ -282,5 +282,6 @@ def test_train_runs_on_each_layout(name, covid, tmp_path):
                 w.writerow([Path(r["filename"]).stem + ".png", r["patientid"], r["finding"].replace("/", "|")])
         opts = [f"dataset.path={tmp_path / 'meta.csv'}", f"dataset.images={COVID / 'images'}",
                 "dataset.findings_col=finding", "dataset.patient_col=patient"]
-    metrics = train_once([f"dataset={name}", f"dataset.cache_dir={tmp_path / 'cache'}", *opts], tmp_path / "run")
+    metrics = train_once([f"dataset={name}", "dataset.task=classification", f"dataset.cache_dir={tmp_path / 'cache'}",
+                          *opts], tmp_path / "run")
     assert metrics["epochs_run"] == 1 and (tmp_path / "run" / "predictions.csv").is_file()

@@ -328,6 +328,6 @@ def test_chexpert_valid_csv_is_the_official_test_split(chexpert_root, tmp_path):
 def test_train_runs_on_each_layout(name, request, tmp_path):
     root = request.getfixturevalue({"nih_cxr14": "nih_root", "chexpert": "chexpert_root",
                                     "vindr_cxr": "vindr_root", "siim_acr": "siim_root"}[name])
-    extra = ["dataset.uncertain=ignore"] if name == "chexpert" else []
+    extra = {"chexpert": ["dataset.uncertain=ignore"], "siim_acr": ["dataset.task=classification"]}.get(name, [])
     metrics = train_once([f"dataset={name}", f"dataset.root={root}", *extra], tmp_path / "run")
     assert metrics["epochs_run"] == 1 and (tmp_path / "run" / "predictions.csv").is_file()

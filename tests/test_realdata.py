@@ -22,6 +22,7 @@ from cxr_automl.data import DataError
 from cxr_automl.evaluators import primary_metric
 from cxr_automl.interfaces import predict
 from cxr_automl.loop import Trainer, collate
+from cxr_automl.testing.contracts import DatasetContract
 from cxr_automl.testing.layouts import ANATOMY, WRITERS, read_covid, write_mask_folder
 from cxr_files import SHARED
 from test_matrix import SMALL, _same
@@ -65,10 +66,22 @@ def test_every_loader_declares_its_default_task_and_refuses_a_task_its_files_lac
         config.compose(layouts["yolo"])
 
 
+PAIRS = [(layout, task) for layout, tasks in TASKS.items() for task in tasks]
+
+
+class TestEveryLayoutAndTaskKeepsTheDatasetContract(DatasetContract):
+    @pytest.fixture(params=PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+    def bundle(self, request, layouts, tmp_path):
+        layout, task = request.param
+        b = _bundle(layouts[layout], tmp_path, task=task, image_size=32)
+        assert b.task == task
+        return b
+
+
 def _bundle(overrides: list[str], tmp: Path, **kw):
     node = {k.split(".", 1)[1]: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides[1:])}
-    return registry.build("dataset", overrides[0].split("=")[1], cache_dir=str(tmp / "cache"), image_size=64,
-                          **{**node, **kw})
+    return registry.build("dataset", overrides[0].split("=")[1], cache_dir=str(tmp / "cache"),
+                          **{"image_size": 64, **node, **kw})
 
 
 def test_class_names_follow_the_task_and_negatives_stay(layouts, tmp_path):

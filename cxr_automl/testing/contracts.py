@@ -158,6 +158,13 @@ class DatasetContract:
                     masks = item["masks"]
                     assert masks.dtype in (torch.uint8, torch.bool) and masks.ndim == 3
                     assert masks.shape[1:] == img.shape[1:] and int(masks.max()) <= 1
+        assert bundle.task in ("classification", "detection", "segmentation")
+        first = bundle.train[0]
+        if bundle.task == "detection":  # box classes index class_names
+            assert "boxes" in first and all(bool((ds[i]["box_labels"] < c).all())
+                                            for ds in (bundle.train, bundle.test) for i in range(min(len(ds), 8)))
+        if bundle.task == "segmentation":  # one mask per class
+            assert "masks" in first and first["masks"].shape[0] == c
         clone = pickle.loads(pickle.dumps(bundle.train))  # DataLoader workers receive a pickled split
         assert torch.equal(clone[0]["image"], bundle.train[0]["image"])
 

@@ -68,6 +68,9 @@ def check_config(cfg: dict[str, Any]) -> str | None:
     combo = check(cfg["backbone"]["name"], cfg["head"]["name"], cfg["head"])
     if not combo.ok:
         return combo.reason
+    strategy = _returned_class("strategy", cfg["strategy"]["name"])
+    if getattr(strategy, "head_is_template", False):  # it checks each dataset's tasks when it composes them
+        return None
     data_task = cfg["dataset"].get("task")
     if data_task is None:  # the loader's natural task (its factory's default), when it declares one
         p = registry.factory_params(registry.load("dataset", cfg["dataset"]["name"])).get("task")

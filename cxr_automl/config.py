@@ -97,7 +97,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
 def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None]) -> list[str]:
     """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory."""
     defaults = default_selection()
-    out = []
+    out, added = [], set()
     for text in overrides:
         key = text.split("=", 1)[0]
         group, _, param = key.partition(".")
@@ -108,7 +108,9 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
             node_keys = _yaml_keys(group, name) or set(_defaults_node(factory, name))
             if param not in node_keys:
                 if param in registry.factory_params(factory) and param not in SUPPLIED:
-                    text = "+" + text
+                    # added once; a later same key (a search space's dataset.task, then the user's) overrides it
+                    text = text if key in added else "+" + text
+                    added.add(key)
                 else:
                     options = [k for k in registry.factory_params(factory) if k not in SUPPLIED]
                     raise ConfigError(f"{group} {name!r} has no option {param!r}; its options: {', '.join(options)}")

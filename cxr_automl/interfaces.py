@@ -208,6 +208,9 @@ class Strategy(abc.ABC):
 
     #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
     epochs: int = 1
+    #: True when the configured head is only a template the strategy resizes for each dataset and task
+    #: it composes (lock_release); ``config.compose`` then does not match it to the run's dataset task
+    head_is_template: bool = False
 
     def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
         """Called once with the run's dataset, before the model is built (the head is sized from the

@@ -78,13 +78,14 @@ def select_structure(bundle: DatasetBundle, structure: str, where: str = "struct
     lung as separate datasets): masks, boxes and labels of ``structure`` only."""
     names = list(bundle.extras.get("structures") or [])
     if structure not in names:
-        raise ValueError(f"{where}={structure!r}: the dataset's masks are "
-                         f"{', '.join(names) if names else 'absent (it has no structures)'}")
+        raise ConfigError(f"{where}={structure!r}: the dataset's masks are "
+                          f"{', '.join(names) if names else 'absent (it has no structures)'}")
     k = names.index(structure)
     splits = {s: StructureSplit(getattr(bundle, s), k) for s in SPLITS}
     return DatasetBundle(train=splits["train"], val=splits["val"], test=splits["test"], class_names=[structure],
                          task=bundle.task, channels=bundle.channels,
-                         extras={"structures": [structure], "source_structures": names})
+                         extras={"structures": [structure], "source_structures": names, "box_classes": [structure],
+                                 "tasks": ["classification", "detection", "segmentation"]})
 
 
 def compose(members: dict[str, DatasetBundle]) -> DatasetBundle:

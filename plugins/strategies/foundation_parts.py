@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cxr_automl import registry
+from cxr_automl.config import ConfigError
 from cxr_automl.interfaces import BackboneOutput, DatasetBundle, Head
 from cxr_automl_plugins.heads.dino import DinoDetHead
 from cxr_automl_plugins.heads.upernet import UperNetSegHead, mask_loss
@@ -89,16 +90,31 @@ class FoundationHeads(Head):
         return [m.contiguous() for m in feats.features]
 
 
-def class_names(bundle: DatasetBundle, task: str, where: str) -> list[str]:
-    """The classes of one (dataset, task): labels for cls, box classes for loc, mask structures for seg."""
+def class_names(bundle: DatasetBundle, task: str, where: str, dataset: str = "the run's dataset") -> list[str]:
+    """The classes of one (dataset, task): labels for cls (they follow the dataset's own ``task``: its
+    labels, "has a box of this class" or "structure present"), box classes for loc, mask structures for
+    seg. An item without boxes (loc) or masks (seg) is one line naming the tasks the dataset gives."""
+    item = bundle.train[0]
+    offered = bundle.extras.get("tasks")
+    gives = f" (it gives {', '.join(offered)})" if offered else ""
     if task == "seg":
         names = bundle.extras.get("structures") or (bundle.class_names if bundle.task == "segmentation" else None)
-        if not names:
-            raise ValueError(f"{where} has task seg but its dataset gives no masks (extras['structures'])")
+        if not names or "masks" not in item:
+            raise ConfigError(f"{where} has task seg but {dataset} gives no masks{gives}; drop seg from its tasks "
+                              "or name a dataset with masks")
         return list(names)
-    if task == "loc" and bundle.task == "segmentation":
-        raise ValueError(f"{where} has task loc but its dataset is configured for segmentation; "
-                         "use its classification or detection task (boxes index those classes)")
+    if task == "loc":
+        if "boxes" not in item:
+            hint = (" or view one structure with structure: NAME (its box is the mask's bounding box)"
+                    if bundle.extras.get("structures") else "")
+            raise ConfigError(f"{where} has task loc but {dataset} gives no boxes{gives}; drop loc from its tasks"
+                              f"{hint}")
+        names = bundle.extras.get("box_classes")  # what box_labels index, whatever the dataset's own task
+        if names:
+            return list(names)
+        if bundle.task == "segmentation":
+            raise ConfigError(f"{where} has task loc but {dataset} is configured for segmentation; use its "
+                              "classification or detection task (boxes index those classes)")
     return list(bundle.class_names)
 
 

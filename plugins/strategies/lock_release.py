@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cxr_automl import registry
+from cxr_automl.config import ConfigError
 from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
 from cxr_automl_plugins.datasets.multi import compose, select_structure
 from cxr_automl_plugins.strategies.foundation_parts import (
@@ -158,6 +159,8 @@ OBJECTIVES = ("mean", "min")
 class LockRelease(Strategy):
     """Follows ``schedule`` epoch by epoch over classification, localization and segmentation."""
 
+    head_is_template = True  # the configured head is each dataset's classification head, resized
+
     def __init__(self, rows: list[ScheduleRow], datasets: list[dict[str, Any]], teacher: bool, momentum: float,
                  consistency: float, consistency_kind: str, lrs: dict[str, float], weight_decay: float,
                  objective: str, loc_head: dict[str, Any], seg_head: dict[str, Any], offload: bool, seed: int):
@@ -187,10 +190,18 @@ class LockRelease(Strategy):
             where = f"strategy.datasets[{i}]"
             node = dict(d.get("dataset") or {})
             run_size = {} if "image_size" in node else {"image_size": size}
-            bundle = registry.build("dataset", node.pop("name"), supplied=run_size, **node) if node else data
+            plugin = node.pop("name", None)
+            if node and not plugin:
+                raise ConfigError(f"{where}.dataset needs a name: the dataset plugin, "
+                                  "e.g. {name: mask_folder, root: ...}")
+            try:
+                bundle = registry.build("dataset", plugin, supplied=run_size, **node) if plugin else data
+            except registry.RegistryError as exc:  # which entry, then the loader's own line
+                raise ConfigError(f"{where}.dataset: {exc}") from exc
             if d.get("structure"):
                 bundle = select_structure(bundle, str(d["structure"]), where=f"{where}.structure")
-            self.classes[d["name"]] = {t: class_names(bundle, t, where) for t in d["tasks"]}
+            label = f"dataset {plugin!r}" if plugin else "the run's dataset"
+            self.classes[d["name"]] = {t: class_names(bundle, t, where, label) for t in d["tasks"]}
             bundles[d["name"]] = bundle
         composed = compose(bundles)
         self.members = composed.extras["members"]

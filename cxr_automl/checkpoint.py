@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr_automl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     pass
 
 

@@ -25,8 +25,6 @@ app = typer.Typer(
          "[bold]cxr-automl data check dataset=NAME dataset.root=DIR[/bold], "
          "[bold]cxr-automl search --workers 4 --launcher slurm[/bold], [bold]cxr-automl report[/bold].")
 console = Console(stderr=True)
-OVERRIDES_HELP = ("Hydra overrides key=value, e.g. backbone=resnet18 head=linear strategy.epochs=5 "
-                  "trainer.batch_size=16 dataset.n_train=500")
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -43,16 +41,10 @@ def _fail(msg: str, code: int = 2) -> "typer.Exit":
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from cxr_automl.checkpoint import CheckpointError
-    from cxr_automl.config import ConfigError
-    from cxr_automl.registry import RegistryError
-    from cxr_automl.searchspace import SearchSpaceError
-    from cxr_automl.targets import TargetError
-    from cxr_automl.trainer_utils import NonFiniteLossError, TrainerConfigError
-    from cxr_automl.weights import WeightsError
-    from cxr_automl.data import DataError  # e.g. an image that breaks mid-run with dataset.cache=false
-    return (ConfigError, RegistryError, SearchSpaceError, TrainerConfigError, CheckpointError,
-            NonFiniteLossError, WeightsError, TargetError, DataError)
+    """What the CLI prints as one line (exit 2): every "fix your input" error, and a run that cannot go
+    on (a non-finite loss)."""
+    from cxr_automl.errors import TrainingError, UserError
+    return (UserError, TrainingError)
 
 
 @app.command(context_settings=EXTRA)

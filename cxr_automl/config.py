@@ -21,13 +21,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cxr_automl import registry
+from cxr_automl.errors import UserError
 
 GROUPS = tuple(registry.KINDS)  # backbone, head, strategy, dataset
 #: factory arguments the core supplies itself; users never set them
 SUPPLIED = {"in_dim", "in_channels", "num_classes"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem, phrased as what to fix."""
 
 

@@ -12,9 +12,10 @@ from typing import Any, Sequence
 from rich.table import Table
 
 from cxr_automl import config, registry
+from cxr_automl.errors import UserError
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     pass
 
 

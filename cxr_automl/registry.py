@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
+from cxr_automl.errors import UserError
+
 KINDS: dict[str, str] = {
     "backbone": "cxr_automl.backbones",
     "head": "cxr_automl.heads",
@@ -24,7 +26,7 @@ KINDS: dict[str, str] = {
 PLURAL = {"backbone": "backbones", "head": "heads", "strategy": "strategies", "dataset": "datasets"}
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A plugin problem the user can fix (unknown name, clash, broken plugin)."""
 
 
@@ -35,10 +37,6 @@ class PluginInfo:
     value: str  # "module:attr"
     distribution: str
     version: str
-
-    @property
-    def where(self) -> str:
-        return f"{self.distribution} {self.version}"
 
 
 def _dist_of(ep: md.EntryPoint) -> tuple[str, str]:
@@ -66,12 +64,6 @@ def _find(kind: str) -> dict[str, PluginInfo]:
                     "uninstall one of them")
         found.setdefault(ep.name, info)
     return dict(sorted(found.items()))
-
-
-def refresh() -> None:
-    """Forget what was found (after installing a plugin into the running interpreter)."""
-    _find.cache_clear()
-    _load.cache_clear()
 
 
 def available(kind: str) -> dict[str, PluginInfo]:
@@ -130,6 +122,8 @@ def build(kind: str, name: str, /, supplied: dict[str, Any] | None = None, **kwa
     extra = {k: v for k, v in (supplied or {}).items() if k in params or takes_var}
     try:
         return factory(**kwargs, **extra)
+    except RegistryError:  # a nested build (a strategy's own dataset) already named its component
+        raise
     except (ValueError, TypeError) as exc:  # a factory rejecting its arguments is a config problem
         raise RegistryError(f"{kind} {name!r}: {exc}") from exc
 

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from cxr_automl import config as config_mod
 from cxr_automl import run as run_mod
 from cxr_automl import storage as storage_mod
 from cxr_automl.callbacks import make_progress
+from cxr_automl.errors import TrainingError, UserError
 from cxr_automl.loop import Callback, Trainer
 from cxr_automl.searchspace import SearchSpace, format_value, lookup
-from cxr_automl.trainer_utils import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -67,10 +68,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                 "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
                 "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
-                "grid": None}
-    if name not in samplers or name == "grid":
-        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(k for k in samplers if k != 'grid')}")
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}
+    if name not in samplers:
+        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(samplers)}")
     return samplers[name]()
 
 
@@ -219,8 +219,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, opts: SearchOptions, pro
                                                 **({"baseline": trial.user_attrs["baseline"]}
                                                    if "baseline" in trial.user_attrs else {})})
         raise
-    except (NonFiniteLossError, ValueError, RuntimeError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a trial raises fails that trial, never the search
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        if not isinstance(exc, (UserError, TrainingError)):  # a bug, not bad input: keep its traceback
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "traceback.txt").write_text(traceback.format_exc())
+            reason += f" (traceback in {run_dir / 'traceback.txt'})"
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
         progress.console.print(f"[red]trial {trial.number} failed[/red]: {reason}")

@@ -28,10 +28,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
 
+from cxr_automl.errors import UserError
+
 _KEYS = {"metric", "direction", "n_trials", "overrides", "params", "baselines"}
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(UserError):
     pass
 
 

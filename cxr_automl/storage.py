@@ -22,6 +22,8 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from cxr_automl.errors import UserError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -30,7 +32,7 @@ HEARTBEAT_INTERVAL, GRACE_PERIOD = 30, 120
 RETRY_DELAYS = (1, 2, 4, 8, 16)
 
 
-class StorageUnavailableError(Exception):
+class StorageUnavailableError(UserError):
     pass
 
 

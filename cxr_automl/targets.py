@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from cxr_automl.errors import UserError
 
-class TargetError(ValueError):
+
+class TargetError(UserError):
     """A dataset item whose boxes or masks cannot be right for this image/head."""
 
 

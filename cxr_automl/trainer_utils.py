@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr_automl.errors import TrainingError, UserError
 from cxr_automl.interfaces import EpochPlan, iter_params
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """The loss became NaN/inf; the run (or trial) fails with this message."""
 
 
-class TrainerConfigError(ValueError):
+class TrainerConfigError(UserError):
     pass
 
 

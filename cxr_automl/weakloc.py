@@ -21,10 +21,12 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from torchvision.ops import box_iou
 
+from cxr_automl.errors import UserError
+
 DELTAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
-class WeakLocError(Exception):
+class WeakLocError(UserError):
     """A run or dataset that weak localization cannot evaluate (says what to use instead)."""
 
 

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cxr_automl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: keys under which training scripts commonly nest the state dict, tried in this order
@@ -17,7 +19,7 @@ _WRAPPERS = ("state_dict", "model", "teacher", "student", "module", "backbone", 
 _DROP_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "omni_heads.", "projector.", "pooler.")
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     pass
 
 

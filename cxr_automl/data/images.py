@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_automl.errors import UserError
+
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", *DICOM_SUFFIXES}
 
 
-class ImageReadError(Exception):
+class ImageReadError(UserError):
     """A file that exists but cannot be decoded into an image (the message says why)."""
 
 

@@ -19,12 +19,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxr_automl.data.images import IMAGE_SUFFIXES
+from cxr_automl.errors import UserError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad dataset input, phrased as ``file:line: what is wrong; what to do``."""
 
 

@@ -258,22 +258,3 @@ def synthetic_cxr(n_train: int = 1000, n_val: int = 250, n_test: int = 250, imag
                          extras={**{f"{s}_labels": data[s]["labels"] for s in SPLITS},
                                  "structures": list(STRUCTURES),
                                  "generator": {"params": params, "version": GENERATOR_VERSION, "cache": str(path)}})
-
-
-def render_preview(path: str | Path, n: int = 16, image_size: int = 128, seed: int = 0) -> Path:
-    """Save a PNG grid of ``n`` training images with box outlines and finding names."""
-    from PIL import Image, ImageDraw
-    arrays = generate(n, image_size, seed, "train")
-    cols = 4
-    rows = (n + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * image_size, rows * (image_size + 12)), "black")
-    draw = ImageDraw.Draw(sheet)
-    for i in range(n):
-        x0, y0 = (i % cols) * image_size, (i // cols) * (image_size + 12)
-        sheet.paste(Image.fromarray(arrays["images"][i]).convert("RGB"), (x0, y0 + 12))
-        for b in arrays["boxes"][arrays["boxes"][:, 0] == i]:
-            draw.rectangle([x0 + b[1], y0 + 12 + b[2], x0 + b[3], y0 + 12 + b[4]], outline=(255, 60, 60))
-        names = ",".join(c[:4] for c, v in zip(CLASSES, arrays["labels"][i]) if v) or "normal"
-        draw.text((x0 + 2, y0), names, fill=(255, 255, 0))
-    sheet.save(path)
-    return Path(path)

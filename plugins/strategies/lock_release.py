@@ -30,6 +30,7 @@ from torch import nn
 
 from cxr_automl import registry
 from cxr_automl.config import ConfigError
+from cxr_automl.errors import UserError
 from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
 from cxr_automl_plugins.datasets.multi import compose, select_structure
 from cxr_automl_plugins.strategies.foundation_parts import (
@@ -45,7 +46,7 @@ ORDERS = ("by_dataset", "by_task")
 DATASET_KEYS = {"name", "tasks", "dataset", "structure"}
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     """A lock_release configuration that cannot be scheduled; the message names the key to fix."""
 
 

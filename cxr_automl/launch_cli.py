@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cxr_automl import launch
+from cxr_automl import launch, optuna_private
 from cxr_automl import search as search_mod
 from cxr_automl import storage as storage_mod
 from cxr_automl import workers
@@ -58,7 +58,7 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
     study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    stale = set(storage._get_stale_trial_ids(study._study_id)) if hasattr(storage, "_get_stale_trial_ids") else set()
+    stale = optuna_private.stale_trial_ids(storage, optuna_private.study_id(study))
     live = workers.live_workers(storage, study, stale)
     out: dict[str, Any] = {"study": name, "target": study.user_attrs.get("n_trials"), "states": counts,
                            "finished": counts["complete"] + counts["pruned"], "live_workers": sorted(live),

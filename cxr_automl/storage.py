@@ -18,10 +18,10 @@ from typing import Callable, TypeVar
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat  # the interface fail_stale_trials checks for
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from cxr_automl import optuna_private
 from cxr_automl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def requeue_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
-class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
+class JournalHeartbeatStorage(JournalStorage, optuna_private.BaseHeartbeat):
     """Journal file storage whose running trials carry a ``heartbeat`` system attribute (wall-clock
     seconds; nodes sharing the file are assumed to have synchronised clocks, as NTP gives)."""
 
@@ -63,6 +63,7 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, "heartbeat", time.time())
 
+    # BaseHeartbeat's (private) protocol: fail_stale_trials calls it to find trials whose worker died
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
         stale = []
@@ -71,7 +72,7 @@ class JournalHeartbeatStorage(JournalStorage, BaseHeartbeat):
             if beat is None:  # asked but never beat yet: count from its start
                 beat = t.datetime_start.timestamp() if t.datetime_start else now
             if now - beat > self.grace_period:
-                stale.append(t._trial_id)
+                stale.append(optuna_private.trial_id(t))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:

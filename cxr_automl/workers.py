@@ -14,8 +14,9 @@ from typing import Any
 
 import optuna
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
+
+from cxr_automl import optuna_private
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -88,7 +89,7 @@ def adopt_own_trial(study: optuna.Study, me: str) -> optuna.Trial | None:
     if not mine:
         return None
     frozen = mine[-1]
-    trial = optuna.Trial(study, frozen._trial_id)
+    trial = optuna_private.revive(study, frozen)
     try:
         trial.set_user_attr("slurm_restart_count", restart_count())
     except optuna.exceptions.UpdateFinishedTrialError:
@@ -119,7 +120,8 @@ class Presence:
         record = {"state": state, "seen": now, "alive_until": now + self.grace, "host": socket.gethostname(),
                   "pid": os.getpid()}
         try:
-            self.study._storage.set_study_system_attr(self.study._study_id, PRESENCE_PREFIX + self.me, record)
+            optuna_private.storage_of(self.study).set_study_system_attr(optuna_private.study_id(self.study),
+                                                                        PRESENCE_PREFIX + self.me, record)
             self.last = (state, now)
         except Exception as exc:  # presence is informative only; never stop a worker over it
             log.warning("worker presence not recorded: %s", exc)
@@ -138,11 +140,11 @@ def live_workers(storage: optuna.storages.BaseStorage, study: optuna.Study,
     is not listed."""
     live: dict[str, str] = {}
     now = time.time()
-    for me, rec in presences(storage, study._study_id).items():
+    for me, rec in presences(storage, optuna_private.study_id(study)).items():
         if rec.get("state") != "exited" and now <= float(rec.get("alive_until", 0)):
             live[me] = str(rec.get("state"))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t._trial_id not in stale and t.user_attrs.get("worker"):
+        if optuna_private.trial_id(t) not in stale and t.user_attrs.get("worker"):
             live[t.user_attrs["worker"]] = f"trial {t.number}"
     return dict(sorted(live.items()))
 
@@ -152,7 +154,7 @@ class Heartbeat:
     storage has none), so other workers can tell a live trial from a dead worker's."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.storage, self.trial_id = optuna_private.storage_of(study), optuna_private.trial_id(trial)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -169,7 +171,7 @@ class Heartbeat:
                 return
 
     def __enter__(self) -> "Heartbeat":
-        if is_heartbeat_enabled(self.storage):
+        if optuna_private.is_heartbeat_enabled(self.storage):
             self.thread = threading.Thread(target=self._beat, daemon=True, name="cxr-heartbeat")
             self.thread.start()
         return self

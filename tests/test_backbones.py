@@ -1,10 +1,14 @@
-"""Weight loading of the Swin and RAD-DINO backbones: save a tiny model, load it back, same outputs."""
+"""Weight loading of the Swin, RAD-DINO and ResNet backbones: save a tiny model, load it back, same outputs."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from cxr_automl import registry
+from cxr_automl.model import build_model
 from cxr_automl.weights import WeightsError
 from cxr_automl_plugins.backbones.rad_dino import rad_dino, rad_dino_tiny
 from cxr_automl_plugins.backbones.swin import swin_tiny
@@ -72,3 +76,35 @@ def test_rad_dino_pyramid_and_pooling():
     assert tokens.shape[1] == 1 + 64  # CLS + patches; the pooled embedding is the patches' mean
     torch.testing.assert_close(out.pooled, tokens[:, 1:].mean(1))
     assert not torch.allclose(out.pooled, tokens.mean(1))
+
+
+
+def _with_old_aliases(state: dict, prefix: str = "") -> dict:
+    """The state dict a TimmResNet wrote before each tensor was registered once: ``net.*`` plus the same
+    tensors again under ``stem.0/1`` (conv1, bn1) and ``stages.0..3`` (layer1..layer4)."""
+    old = dict(state)
+    renames = {"net.conv1.": "stem.0.", "net.bn1.": "stem.1.",
+               **{f"net.layer{i + 1}.": f"stages.{i}." for i in range(4)}}
+    for key, value in state.items():
+        for src, dst in renames.items():
+            if key.startswith(prefix + src):
+                old[prefix + dst + key[len(prefix + src):]] = value.clone()
+    return old
+
+
+def test_resnet_checkpoints_of_the_aliased_layout_still_load():
+    data = registry.build("dataset", "synthetic_cxr", n_train=8, n_val=4, n_test=4, image_size=32)
+    torch.manual_seed(0)
+    src = build_model({"name": "resnet_tiny", "width": 8}, {"name": "mlp", "hidden": 16}, data)
+    state = src.state_dict()
+    assert all(k.startswith("backbone.net.") for k in state if k.startswith("backbone."))
+    old = _with_old_aliases(state, "backbone.")
+    assert len(old) == 2 * len(state) - sum(k.startswith("head.") for k in state)
+    torch.manual_seed(1)
+    dst = build_model({"name": "resnet_tiny", "width": 8}, {"name": "mlp", "hidden": 16}, data)
+    dst.load_state_dict(old)  # strict: the aliases are dropped and nothing is missing
+    same_backbone_outputs(src.backbone, dst.backbone, 32)
+    # the loop's best_model deep-copies the model before loading best_state
+    twin = copy.deepcopy(build_model({"name": "resnet_tiny", "width": 8}, {"name": "mlp", "hidden": 16}, data))
+    twin.load_state_dict(old)
+    same_backbone_outputs(src.backbone, twin.backbone, 32)

@@ -43,6 +43,15 @@ class BackboneContract:
             sizes.append(fmap.shape[-1])
         assert sizes == sorted(sizes, reverse=True), "feature maps go from high to low resolution"
 
+    def test_each_tensor_is_registered_once(self, backbone: Backbone) -> None:
+        # a module reachable under two names doubles every checkpoint and makes EMA updates apply twice
+        first: dict[int, str] = {}
+        for key, tensor in backbone.state_dict().items():
+            if tensor.numel():
+                ptr = tensor.untyped_storage().data_ptr()
+                assert ptr not in first, f"{key} shares its storage with {first.get(ptr)}: registered twice"
+                first[ptr] = key
+
     def test_blocks_cover_every_parameter_in_order(self, backbone: Backbone) -> None:
         blocks = list(backbone.blocks())
         assert len(blocks) >= 2

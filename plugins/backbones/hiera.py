@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import AutoConfig, Sam2HieraDetConfig, Sam2Model, Sam2VisionConfig, Sam2VisionModel
 
@@ -30,9 +31,6 @@ from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
 from cxr_automl.weights import WeightsError, load_into
 
 SAM2_ID = "facebook/sam2.1-hiera-tiny"
-#: SAM2's image preprocessing (``Sam2ImageProcessor``): ImageNet statistics
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class HieraBackbone(Backbone):
@@ -49,8 +47,9 @@ class HieraBackbone(Backbone):
         cfg = net.config
         self.feature_channels = tuple(cfg.fpn_hidden_size for _ in cfg.backbone_channel_list)
         self.embed_dim = cfg.backbone_config.embed_dim_per_stage[-1]
-        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    fixed_size=True)
+        # SAM2's image preprocessing (``Sam2ImageProcessor``) uses the ImageNet statistics
+        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_DEFAULT_MEAN,
+                                    std=IMAGENET_DEFAULT_STD, fixed_size=True)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         trunk = self.net.backbone(x)

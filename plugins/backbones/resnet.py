@@ -2,53 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
 from cxr_automl.weights import load_into
+from cxr_automl_plugins.backbones.timm_groups import grouped_blocks
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: checkpoints written before each tensor was registered once also hold these aliases of ``net.*``
+_OLD_ALIASES = ("stem.", "stages.")
 
 
 class TimmResNet(Backbone):
-    """Wraps a timm ``ResNet``; its blocks are the stem then every residual block, in order."""
+    """Wraps a timm ``ResNet``; its blocks are the stem then every residual block, in order (timm's
+    ``group_matcher``). Its state dict is the ``net.*`` keys only."""
 
     num_feature_maps = 4
 
     def __init__(self, net: ResNet, image_size: int = 224):
         super().__init__()
         self.net = net
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
-        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        self.feature_channels = tuple(_out_ch(s) for s in self.stages)
+        self.feature_channels = tuple(int(f["num_chs"]) for f in net.feature_info[1:])  # [0] is the stem
         self.embed_dim = self.feature_channels[-1]
-        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_DEFAULT_MEAN,
+                                    std=IMAGENET_DEFAULT_STD)
+        self.register_load_state_dict_pre_hook(_drop_old_aliases)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
+        # timm's index 0 is the stem's output (before the max-pool); 1..4 are layer1..layer4
+        x, feats = self.net.forward_intermediates(x, indices=[1, 2, 3, 4])
         return BackboneOutput(pooled=x.mean(dim=(2, 3)), features=feats)
 
     def stage_modules(self) -> Sequence[nn.Module]:
-        return list(self.stages)
+        return [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]
 
     def blocks(self) -> Sequence[nn.Module]:
-        return [self.stem, *[blk for stage in self.stages for blk in stage]]
+        return grouped_blocks(self.net)
 
 
-def _out_ch(stage: nn.Sequential) -> int:
-    last = stage[-1]
-    bn = getattr(last, "bn3", None) or last.bn2
-    return bn.num_features
+def _drop_old_aliases(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Let a checkpoint of the older layout (``stem.*``/``stages.*`` duplicating ``net.*``) load."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + a for a in _OLD_ALIASES))]:
+        del state_dict[key]
 
 
 def _make(name: str, weights: str | None, pretrained: bool, strict: bool, drop_path_rate: float,

@@ -1,7 +1,8 @@
 """timm Swin Transformers: ``swin_b`` (Ark-6's encoder) and ``swin_tiny``, a tiny variant of the same class.
 
-timm's Swin stages return channels-last maps (N, H, W, C); this wrapper hands out NCHW, as the
-``Backbone`` interface promises, so dense heads never need to know which backbone they sit on.
+timm's Swin stages return channels-last maps (N, H, W, C); this wrapper hands out NCHW (timm's
+``forward_intermediates`` converts them), as the ``Backbone`` interface promises, so dense heads never
+need to know which backbone they sit on.
 """
 
 from __future__ import annotations
@@ -11,22 +12,22 @@ from typing import Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 from torch import nn
 
 from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
 from cxr_automl.weights import load_into
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cxr_automl_plugins.backbones.timm_groups import grouped_blocks
 
 
 class TimmSwin(Backbone):
     """Wraps a timm ``SwinTransformer``.
 
-    ``blocks()``: the patch embedding, then every Swin block in order. A stage's patch-merging layer runs
-    just before the stage's first block, so it is grouped with that block; the final LayerNorm is grouped
-    with the last block (unfreezing "the top 1" then trains what produces the pooled embedding).
+    ``blocks()``: the patch embedding, then every Swin block in order (timm's ``group_matcher``). A
+    stage's patch-merging layer runs just before the stage's first block, so it is grouped with that
+    block; the final LayerNorm is grouped with the last block (unfreezing "the top 1" then trains what
+    produces the pooled embedding).
     """
 
     num_feature_maps = 4
@@ -37,30 +38,16 @@ class TimmSwin(Backbone):
         self.feature_channels = tuple(int(f["num_chs"]) for f in net.feature_info)
         self.embed_dim = self.feature_channels[-1]
         # Swin's windows and relative-position tables are built for one input size: it is required
-        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                    fixed_size=True)
+        self.input_spec = InputSpec(size=image_size, channels=3, mean=IMAGENET_DEFAULT_MEAN,
+                                    std=IMAGENET_DEFAULT_STD, fixed_size=True)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
-        x = self.net.patch_embed(x)
-        feats = []
-        for i, stage in enumerate(self.net.layers):
-            x = stage(x)
-            if i == len(self.net.layers) - 1:
-                x = self.net.norm(x)
-            feats.append(x.permute(0, 3, 1, 2))  # NHWC -> NCHW (a view; heads make it contiguous if needed)
-        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats)
+        # norm=True: the last map is the final LayerNorm's output, as the pooled embedding is
+        x, feats = self.net.forward_intermediates(x, norm=True, output_fmt="NCHW")
+        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats)  # x is NHWC
 
     def blocks(self) -> Sequence[nn.Module]:
-        out: list[nn.Module] = [self.net.patch_embed]
-        for i, stage in enumerate(self.net.layers):
-            for j, blk in enumerate(stage.blocks):
-                group = [blk]
-                if j == 0 and not isinstance(stage.downsample, nn.Identity):
-                    group.insert(0, stage.downsample)
-                if i == len(self.net.layers) - 1 and j == len(stage.blocks) - 1:
-                    group.append(self.net.norm)
-                out.append(group[0] if len(group) == 1 else nn.ModuleList(group))
-        return out
+        return grouped_blocks(self.net)
 
 
 def _build(net: SwinTransformer, image_size: int, weights: str | None, strict: bool) -> TimmSwin:

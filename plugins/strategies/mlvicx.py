@@ -33,17 +33,8 @@ ENCODER_FILE = "encoder.pt"
 
 
 def encoder_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's state dict on the CPU with aliases removed (a module registered under two names,
-    e.g. ``net.layer1`` and ``stages.0``, is kept under the first), so ``weights.load_into`` maps it."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in backbone.state_dict().items():
-        ident = (value.data_ptr(), tuple(value.shape))
-        if value.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = value.detach().to("cpu", copy=True)
-    return out
+    """A copy of the backbone's state dict on the CPU, in the keys ``weights.load_into`` maps."""
+    return {key: value.detach().to("cpu", copy=True) for key, value in backbone.state_dict().items()}
 
 
 class MLVICX(Strategy):

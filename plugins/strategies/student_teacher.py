@@ -40,16 +40,11 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def update(self, students: dict[str, nn.Module], momentum: float) -> None:
         """teacher ← λ·teacher + (1−λ)·student for every floating tensor (parameters and BatchNorm
-        running statistics); integer buffers (batch counters) are copied. A tensor reachable under two
-        names (timm ResNet's ``stem`` aliases ``net.conv1``) is updated once."""
+        running statistics); integer buffers (batch counters) are copied."""
         for name, student in students.items():
-            t_state = self.copies[name].state_dict(keep_vars=True)  # the tensors themselves: aliases are one
-            done: set[int] = set()
+            t_state = self.copies[name].state_dict()  # detached views of the teacher's own tensors
             for key, s_val in student.state_dict().items():
                 t_val = t_state[key]
-                if id(t_val) in done:
-                    continue
-                done.add(id(t_val))
                 if t_val.is_floating_point():
                     t_val.mul_(momentum).add_(s_val.detach().to(t_val.device, t_val.dtype), alpha=1 - momentum)
                 else:

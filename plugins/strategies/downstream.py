@@ -80,7 +80,7 @@ class Downstream:
         feats, ys = [], []
         with torch.no_grad():  # the encoder is frozen: its pooled features are computed once
             for batch in self._loader(data, idx, False, gen):
-                out = clone.backbone(clone.adapter(batch["image"].to(device)))
+                out = clone.features(batch["image"].to(device))
                 feats.append(out.pooled.float())
                 ys.append(batch["labels"].to(device))
         x, y = torch.cat(feats), torch.cat(ys)

@@ -269,10 +269,11 @@ class LockRelease(Strategy):
 
     def _task_path(self, model: nn.Module, task: str, ds: str, feats: BackboneOutput, teacher_x=None):
         """(prediction, backbone embeddings, task encoder/decoder embeddings) of one task; with
-        ``teacher_x`` the teacher's embeddings of the same input instead (no prediction)."""
+        ``teacher_x`` (the batch's images) the teacher's embeddings of the same input instead (no
+        prediction)."""
         heads = model.head
-        if teacher_x is not None:
-            feats = model.teacher("backbone", teacher_x)
+        if teacher_x is not None:  # the teacher's backbone copy on the student's adapted input
+            feats = model.teacher("backbone", model.adapter(teacher_x))
         if task == "cls":
             pred = None if teacher_x is not None else heads.cls_heads[ds](feats)
             return pred, [feats.pooled], []
@@ -292,13 +293,11 @@ class LockRelease(Strategy):
         shared = SHARED[row.task]
         if shared:  # a frozen shared part keeps its BatchNorm statistics in a Lock epoch
             component(model, shared).train(row.components[shared])
-        x = model.adapter(images)
-        feats = model.backbone(x)
-        feats.input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        feats = model.features(images)
         pred, emb, task_emb = self._task_path(model, row.task, row.dataset, feats)
         out = {"pred": pred, "student": emb, "task_student": task_emb}
         if self.teacher:
-            _, out["teacher"], out["task_teacher"] = self._task_path(model, row.task, row.dataset, feats, x)
+            _, out["teacher"], out["task_teacher"] = self._task_path(model, row.task, row.dataset, feats, images)
         return out
 
     def loss(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
@@ -345,9 +344,7 @@ class LockRelease(Strategy):
         self.placement.apply(model, resident(_path(ds, task), teacher=False))
 
     def _predict(self, ds: str, task: str, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> Any:
-        x = model.adapter(images)
-        feats = model.backbone(x)
-        pred, _, _ = self._task_path(model, task, ds, feats)
+        pred, _, _ = self._task_path(model, task, ds, model.features(images))
         if task == "loc":
             return model.head.loc_decoders[ds].predict(pred)
         return torch.sigmoid(pred.float())

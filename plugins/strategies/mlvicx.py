@@ -136,7 +136,7 @@ class MLVICX(Strategy):
         """(z, m) of one view: global and multi-level embeddings."""
         refined: list[torch.Tensor] = []
         with self._refining(model, refined):
-            out = model.backbone(model.adapter(view))
+            out = model.features(view)
         if not self.inline:  # backbone without stage modules: refine its feature maps post hoc
             refined = [model.mlvicx.bottlenecks[str(i)](out.features[i]) for i in model.mlvicx.levels]
         z = model.mlvicx.global_expander(out.pooled)

@@ -201,7 +201,7 @@ class Strategy(abc.ABC):
             eval_model(model)                    the module evaluated on validation
             evaluations(model, "val")            its parts (default None: the head's task on the split)
             summarize("val", metrics)            aggregate metrics added after every evaluation
-            after_epoch(epoch, val_metrics)      returns True to stop early
+            after_epoch(epoch, model, val_metrics)  returns True to stop early
         export(model, run_dir)                   once after the last epoch, before the test
         state_dict() / load_state_dict()         saved in / restored from every checkpoint
     """
@@ -281,8 +281,18 @@ class Strategy(abc.ABC):
         that ``monitor`` names)."""
         return {}
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
-        """Called after each validation. Return True to stop training (early stopping)."""
+    def after_epoch(self, epoch: int, model: "nn.Module", val_metrics: dict[str, float]) -> bool:
+        """Called at the end of every epoch, after its validation (and after the loop has kept the
+        best epoch's weights), before the checkpoint is written.
+
+        Args:
+            epoch: the epoch that just finished (0-based).
+            model: the trained model (not ``eval_model``'s module), e.g. for an epoch-wise EMA teacher.
+            val_metrics: that epoch's validation metrics (empty when the strategy skipped validation).
+
+        Returns:
+            True to stop training after this epoch (early stopping), else False.
+        """
         return False
 
     def export(self, model: "nn.Module", run_dir: "Path") -> None:

@@ -167,7 +167,7 @@ class Trainer:
                 self.best_score, self.best_epoch = score, self.epoch
                 self.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self.strategy.eval_model(self.model).state_dict().items()}
-            self.stopped_early = self.strategy.after_epoch(self.epoch, val_metrics)
+            self.stopped_early = self.strategy.after_epoch(self.epoch, self.model, val_metrics)
             self.history.append(metrics)
             self.epoch += 1
             for cb in self.callbacks:

@@ -75,6 +75,6 @@ def test_ema_is_what_gets_evaluated_and_early_stopping(data):
     s.after_step(model)
     for b, e, m in zip(before, ema.head.parameters(), model.head.parameters()):
         assert torch.allclose(e, 0.5 * b + 0.5 * m, atol=1e-5)
-    assert [s.after_epoch(e, {"val/macro_auc": v}) for e, v in enumerate([0.6, 0.7, 0.65, 0.69])] == \
+    assert [s.after_epoch(e, model, {"val/macro_auc": v}) for e, v in enumerate([0.6, 0.7, 0.65, 0.69])] == \
         [False, False, False, True]
     assert math.isclose(s.best, 0.7)

@@ -122,7 +122,7 @@ class StrategyContract:
         assert torch.isfinite(strategy.loss(model, out, batch))
         strategy.after_step(model)
         assert isinstance(strategy.eval_model(model), torch.nn.Module)
-        assert strategy.after_epoch(0, {strategy.monitor(): 0.5}) in (True, False)
+        assert strategy.after_epoch(0, model, {strategy.monitor(): 0.5}) in (True, False)
         state = strategy.state_dict()
         strategy.load_state_dict(state)
 

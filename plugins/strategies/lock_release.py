@@ -172,7 +172,6 @@ class LockRelease(Strategy):
         self.objective, self.loc_head, self.seg_head, self.offload = objective, loc_head, seg_head, offload
         self.members: dict[str, dict[str, Any]] | None = None
         self.classes: dict[str, dict[str, list[str]]] = {}
-        self.model: nn.Module | None = None
         self.placement = Placement(torch.device("cpu"))
         self._epoch = 0
 
@@ -218,7 +217,6 @@ class LockRelease(Strategy):
             shared = {"backbone": model.backbone, "loc_encoder": model.head.loc_encoder,
                       "seg_decoder": model.head.seg_decoder}
             model.teacher = Teacher({k: m for k, m in shared.items() if m is not None})
-        self.model = model
 
     def to_device(self, model: nn.Module, device: torch.device) -> None:
         """Backbone (student and teacher) on the device; every head/decoder on the CPU until an epoch
@@ -317,12 +315,11 @@ class LockRelease(Strategy):
                  for p in ("", "task_") if outputs[f"{p}student"]]
         return mix(task, sum(terms), self.consistency)
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         """The teacher's epoch-wise EMA update of every shared part (the run's state, so it is
         checkpointed with the model)."""
-        if self.teacher and self.rows[epoch].teacher_update and self.model is not None:
-            self.model.teacher.update({n: component(self.model, n) for n in self.model.teacher.copies},
-                                      self.momentum)
+        if self.teacher and self.rows[epoch].teacher_update:
+            model.teacher.update({n: component(model, n) for n in model.teacher.copies}, self.momentum)
         return False
 
     # ------------------------------------------------------------------------------------------ evaluate

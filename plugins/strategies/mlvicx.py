@@ -176,7 +176,7 @@ class MLVICX(Strategy):
             self._candidate = encoder_state(model.backbone)
         return self._evaluated[1]
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         score = val_metrics.get(self.monitor(), -math.inf)
         if score > self.best and self._candidate is not None:
             self.best, self.best_encoder = score, self._candidate

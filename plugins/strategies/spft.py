@@ -122,7 +122,7 @@ class StagedFinetune(Strategy):
     def eval_model(self, model: nn.Module) -> nn.Module:
         return self.ema.module if self.ema is not None else model
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         if self.class_weights is not None:
             aucs = [val_metrics.get(f"val/auc/{c}") for c in self.class_names]
             self.class_weights = refine_class_weights(self.class_weights, aucs, self.weight_refine_rate)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # step.py builds on trainer_utils, which imports this module
+    from cxr_automl.step import TrainStep
 
 
 # ----------------------------------------------------------------------------------------------- backbones
@@ -198,7 +201,7 @@ class Strategy(abc.ABC):
             train_indices(epoch, n)              which training items this epoch uses (default all)
             for batch: outputs = forward(model, images, batch)   (default model(images))
                        loss(model, outputs, batch)  then after_step(model) after every optimizer step
-            eval_model(model)                    the module evaluated on validation
+            eval_model(model, train_step)        the module evaluated on validation
             evaluations(model, "val")            its parts (default None: the head's task on the split)
             summarize("val", metrics)            aggregate metrics added after every evaluation
             after_epoch(epoch, model, val_metrics)  returns True to stop early
@@ -266,8 +269,18 @@ class Strategy(abc.ABC):
     def after_step(self, model: "nn.Module") -> None:
         """Called after every optimizer step (e.g. EMA update)."""
 
-    def eval_model(self, model: "nn.Module") -> "nn.Module":
-        """The module used for validation/test (e.g. the EMA copy). Called before each evaluation."""
+    def eval_model(self, model: "nn.Module", train_step: "TrainStep") -> "nn.Module":
+        """The module used for validation/test (e.g. the EMA copy). Called before each evaluation.
+
+        Args:
+            model: the trained model.
+            train_step: the run's training step (precision, loss scaling, clipping, DataLoaders); a
+                strategy that *trains* the evaluated module (mlvicx's downstream probe) trains it with
+                this, so the run's ``trainer`` settings apply there too.
+
+        Returns:
+            ``model`` itself (the default), a module kept alongside it (an EMA copy), or a new one.
+        """
         return model
 
     def evaluations(self, model: "nn.Module", split: str) -> list[Evaluation] | None:

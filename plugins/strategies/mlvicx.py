@@ -25,6 +25,7 @@ from timm.optim import Lars
 from torch import nn
 
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.step import TrainStep
 from cxr_automl_plugins.strategies.downstream import Downstream
 from cxr_automl_plugins.strategies.mlvicx_parts import INVARIANCE, MLVICXParts, TwoViews, aggregate, vicreg
 
@@ -161,17 +162,19 @@ class MLVICX(Strategy):
         return total
 
     # -- downstream evaluation ---------------------------------------------------------------------
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The downstream copy for the current epoch, trained once and reused by every evaluation of
-        that epoch. With ``eval_every`` > 1, epochs in between reuse the last copy (same score, so they
-        never become the best epoch); the first and the last epoch are always evaluated."""
+    def eval_model(self, model: nn.Module, train_step: TrainStep) -> nn.Module:
+        """The downstream copy for the current epoch, trained once (with the run's ``train_step``) and
+        reused by every evaluation of that epoch. With ``eval_every`` > 1, epochs in between reuse the
+        last copy (same score, so they never become the best epoch); the first and the last epoch are
+        always evaluated."""
         fresh = (self._evaluated is None or (self.epoch + 1) % self.eval_every == 0
                  or self.epoch == self.epochs - 1)
         if self._evaluated is not None and self._evaluated[0] == self.epoch:
             return self._evaluated[1]
         if fresh:
             assert self.data is not None, "setup() runs before evaluation"
-            clone = self.downstream.fit(model, self.data, seed=self.seed * 1_000 + self.epoch, drop=("mlvicx",))
+            clone = self.downstream.fit(model, self.data, train_step, seed=self.seed * 1_000 + self.epoch,
+                                        drop=("mlvicx",))
             self._evaluated = (self.epoch, clone)
             self._candidate = encoder_state(model.backbone)
         return self._evaluated[1]

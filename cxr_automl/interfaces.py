@@ -201,8 +201,8 @@ class Strategy(abc.ABC):
             train_indices(epoch, n)              which training items this epoch uses (default all)
             for batch: outputs = forward(model, images, batch)   (default model(images))
                        loss(model, outputs, batch)  then after_step(model) after every optimizer step
-            eval_model(model, train_step)        the module evaluated on validation
-            evaluations(model, "val")            its parts (default None: the head's task on the split)
+            eval_model(model, train_step)        once: the module evaluated on validation (and tested)
+            evaluations(evaluated, "val")        its parts (default None: the head's task on the split)
             summarize("val", metrics)            aggregate metrics added after every evaluation
             after_epoch(epoch, model, val_metrics)  returns True to stop early
         export(model, run_dir)                   once after the last epoch, before the test
@@ -270,7 +270,11 @@ class Strategy(abc.ABC):
         """Called after every optimizer step (e.g. EMA update)."""
 
     def eval_model(self, model: "nn.Module", train_step: "TrainStep") -> "nn.Module":
-        """The module used for validation/test (e.g. the EMA copy). Called before each evaluation.
+        """Called once per epoch, after its training and before its validation: the module to evaluate.
+
+        The loop validates the returned module, keeps its weights when the epoch is the best, and tests
+        a copy of it with the best epoch's weights (the last epoch's module when none scored). Otherwise called
+        only where a model is evaluated without training an epoch first (a restored, finished run).
 
         Args:
             model: the trained model.

@@ -140,6 +140,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = self.train_step.scaler()
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.evaluated: nn.Module | None = None  # eval_model's module of the last epoch run
         self._epoch_first_step, self._epoch_steps = 0, self.steps_per_epoch  # set by each train_epoch
         self._train_loader: DataLoader | None = None
 
@@ -151,13 +152,15 @@ class Trainer:
             plan = self.strategy.plan(self.epoch, self.model)
             apply_plan(self.model, plan)
             train_stats = self.train_epoch(plan)
-            val_metrics, _ = self.evaluate("val")
+            # once per epoch: a strategy may train the evaluated module (mlvicx's downstream copy)
+            self.evaluated = self.strategy.eval_model(self.model, self.train_step)
+            val_metrics, _ = self.evaluate("val", self.evaluated)
             metrics = {"epoch": self.epoch, **train_stats, **val_metrics}
             score = val_metrics.get(self.strategy.monitor(), -math.inf)
             if score > self.best_score:  # keep the evaluated weights of the best epoch for the test
                 self.best_score, self.best_epoch = score, self.epoch
-                evaluated = self.strategy.eval_model(self.model, self.train_step)
-                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in evaluated.state_dict().items()}
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in self.evaluated.state_dict().items()}
             self.stopped_early = self.strategy.after_epoch(self.epoch, self.model, val_metrics)
             self.history.append(metrics)
             self.epoch += 1
@@ -279,8 +282,12 @@ class Trainer:
             evaluator.update(to_cpu(out), batch)
 
     def best_model(self) -> nn.Module:
-        """The evaluated model with the best epoch's weights (a copy), or the current one before any."""
-        model = self.strategy.eval_model(self.model, self.train_step)
+        """The evaluated model with the best epoch's weights (a copy), or the current one before any:
+        the last epoch's evaluated module when this run trained one (not asked for again: mlvicx would
+        train its downstream copy anew), else ``eval_model`` (a restored, already finished run)."""
+        model = self.evaluated
+        if model is None:
+            model = self.strategy.eval_model(self.model, self.train_step)
         if self.best_state is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.best_state)

@@ -169,6 +169,15 @@ def test_downstream_trains_with_the_runs_step_clipping_precision_and_loader(trai
         assert torch.equal(a, b)
 
 
+def test_the_downstream_copy_is_trained_once_per_epoch(trainer, monkeypatch):
+    fits = []
+    fit = type(trainer.strategy.downstream).fit
+    monkeypatch.setattr(type(trainer.strategy.downstream), "fit",
+                        lambda self, *a, **k: fits.append(trainer.epoch) or fit(self, *a, **k))
+    trainer.fit()
+    assert fits == [0, 1]  # not again for the best-epoch weights, nor for the test
+
+
 @pytest.mark.slow
 def test_mlvicx_trains_end_to_end_and_its_encoder_loads_as_backbone_weights(in_tmp):
     run_cli("train", *TINY, *SMALL, "dataset.label_fraction=0.3", "run_dir=runs/mlvicx", cwd=in_tmp)

@@ -66,7 +66,7 @@ class MLVICX(Strategy):
         self.views: TwoViews | None = None
         self.epoch = 0
         self.inline = True
-        self._evaluated: tuple[int, nn.Module] | None = None  # (epoch, downstream copy)
+        self._last_copy: nn.Module | None = None  # the last downstream copy (reused with eval_every > 1)
         self._candidate: dict[str, torch.Tensor] | None = None
         self.best = -math.inf
         self.best_encoder: dict[str, torch.Tensor] | None = None
@@ -163,21 +163,16 @@ class MLVICX(Strategy):
 
     # -- downstream evaluation ---------------------------------------------------------------------
     def eval_model(self, model: nn.Module, train_step: TrainStep) -> nn.Module:
-        """The downstream copy for the current epoch, trained once (with the run's ``train_step``) and
-        reused by every evaluation of that epoch. With ``eval_every`` > 1, epochs in between reuse the
-        last copy (same score, so they never become the best epoch); the first and the last epoch are
-        always evaluated."""
-        fresh = (self._evaluated is None or (self.epoch + 1) % self.eval_every == 0
-                 or self.epoch == self.epochs - 1)
-        if self._evaluated is not None and self._evaluated[0] == self.epoch:
-            return self._evaluated[1]
-        if fresh:
+        """The epoch's downstream copy, trained with the run's ``train_step`` (the loop asks once per
+        epoch). With ``eval_every`` > 1, epochs in between return the last copy (same score, so they
+        never become the best epoch); the first and the last epoch are always evaluated."""
+        if (self._last_copy is None or (self.epoch + 1) % self.eval_every == 0
+                or self.epoch == self.epochs - 1):
             assert self.data is not None, "setup() runs before evaluation"
-            clone = self.downstream.fit(model, self.data, train_step, seed=self.seed * 1_000 + self.epoch,
-                                        drop=("mlvicx",))
-            self._evaluated = (self.epoch, clone)
+            self._last_copy = self.downstream.fit(model, self.data, train_step, seed=self.seed * 1_000 + self.epoch,
+                                                  drop=("mlvicx",))
             self._candidate = encoder_state(model.backbone)
-        return self._evaluated[1]
+        return self._last_copy
 
     def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         score = val_metrics.get(self.monitor(), -math.inf)

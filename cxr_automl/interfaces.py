@@ -11,10 +11,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # step.py builds on trainer_utils, which imports this module
+    from cxr_automl.step import TrainStep
 
 
 # ----------------------------------------------------------------------------------------------- backbones
@@ -198,10 +201,10 @@ class Strategy(abc.ABC):
             train_indices(epoch, n)              which training items this epoch uses (default all)
             for batch: outputs = forward(model, images, batch)   (default model(images))
                        loss(model, outputs, batch)  then after_step(model) after every optimizer step
-            eval_model(model)                    the module evaluated on validation
-            evaluations(model, "val")            its parts (default None: the head's task on the split)
+            eval_model(model, train_step)        once: the module evaluated on validation (and tested)
+            evaluations(evaluated, "val")        its parts (default None: the head's task on the split)
             summarize("val", metrics)            aggregate metrics added after every evaluation
-            after_epoch(epoch, val_metrics)      returns True to stop early
+            after_epoch(epoch, model, val_metrics)  returns True to stop early
         export(model, run_dir)                   once after the last epoch, before the test
         state_dict() / load_state_dict()         saved in / restored from every checkpoint
     """
@@ -266,8 +269,22 @@ class Strategy(abc.ABC):
     def after_step(self, model: "nn.Module") -> None:
         """Called after every optimizer step (e.g. EMA update)."""
 
-    def eval_model(self, model: "nn.Module") -> "nn.Module":
-        """The module used for validation/test (e.g. the EMA copy). Called before each evaluation."""
+    def eval_model(self, model: "nn.Module", train_step: "TrainStep") -> "nn.Module":
+        """Called once per epoch, after its training and before its validation: the module to evaluate.
+
+        The loop validates the returned module, keeps its weights when the epoch is the best, and tests
+        a copy of it with the best epoch's weights (the last epoch's module when none scored). Otherwise called
+        only where a model is evaluated without training an epoch first (a restored, finished run).
+
+        Args:
+            model: the trained model.
+            train_step: the run's training step (precision, loss scaling, clipping, DataLoaders); a
+                strategy that *trains* the evaluated module (mlvicx's downstream probe) trains it with
+                this, so the run's ``trainer`` settings apply there too.
+
+        Returns:
+            ``model`` itself (the default), a module kept alongside it (an EMA copy), or a new one.
+        """
         return model
 
     def evaluations(self, model: "nn.Module", split: str) -> list[Evaluation] | None:
@@ -281,8 +298,18 @@ class Strategy(abc.ABC):
         that ``monitor`` names)."""
         return {}
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
-        """Called after each validation. Return True to stop training (early stopping)."""
+    def after_epoch(self, epoch: int, model: "nn.Module", val_metrics: dict[str, float]) -> bool:
+        """Called at the end of every epoch, after its validation (and after the loop has kept the
+        best epoch's weights), before the checkpoint is written.
+
+        Args:
+            epoch: the epoch that just finished (0-based).
+            model: the trained model (not ``eval_model``'s module), e.g. for an epoch-wise EMA teacher.
+            val_metrics: that epoch's validation metrics (empty when the strategy skipped validation).
+
+        Returns:
+            True to stop training after this epoch (early stopping), else False.
+        """
         return False
 
     def export(self, model: "nn.Module", run_dir: "Path") -> None:

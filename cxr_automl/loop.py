@@ -2,7 +2,8 @@
 
 Read ``Trainer.fit`` top to bottom: build → (resume) → for each epoch: plan, train, validate,
 callbacks → test on the best epoch's weights → write metrics.json and the task's predictions file
-(the evaluator is chosen by ``head.task``, see ``evaluators.py``).
+(the evaluator is chosen by ``head.task``, see ``evaluators.py``). Each training step goes through
+``step.TrainStep`` (autocast, loss scaler, clipping), which strategies that train inside the run share.
 """
 
 from __future__ import annotations
@@ -24,23 +25,12 @@ from cxr_automl import registry
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy, predict
 from cxr_automl.evaluators import Evaluator, PartsWriter, evaluator_for, make_evaluator
 from cxr_automl.model import CXRModel, build_model
+from cxr_automl.step import TrainStep, collate  # noqa: F401 (collate: also imported from here)
 from cxr_automl.trainer_utils import (
-    NonFiniteLossError, TrainerConfig, apply_plan, autocast_context, make_scheduler, maybe_compile,
-    resolve_device, seed_everything, fit_threads_to_allocation)
+    NonFiniteLossError, TrainerConfig, apply_plan, make_scheduler, maybe_compile, resolve_device,
+    seed_everything, fit_threads_to_allocation)
 
 log = logging.getLogger(__name__)
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack what stacks (images, labels, masks); keep per-image lists otherwise (boxes, ids)."""
-    out: dict[str, Any] = {}
-    for key in items[0]:
-        values = [it[key] for it in items]
-        if torch.is_tensor(values[0]) and all(v.shape == values[0].shape for v in values):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = values
-    return out
 
 
 def to_cpu(value: Any) -> Any:
@@ -128,6 +118,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tc = TrainerConfig.from_dict(self.cfg.get("trainer", {}))
         self.device = resolve_device(self.tc.device)
+        self.train_step = TrainStep(self.tc, self.device)  # also what eval_model trains with, if it trains
         seed_everything(self.tc.seed, self.tc.deterministic)
         fit_threads_to_allocation()
         d_cfg = dict(self.cfg["dataset"])
@@ -147,8 +138,9 @@ class Trainer:
         self.optimizer = self.strategy.optimizer(self.strategy.param_groups(self.model))
         self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.tc.precision == "16")
+        self.scaler = self.train_step.scaler()
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.evaluated: nn.Module | None = None  # eval_model's module of the last epoch run
         self._epoch_first_step, self._epoch_steps = 0, self.steps_per_epoch  # set by each train_epoch
         self._train_loader: DataLoader | None = None
 
@@ -160,14 +152,16 @@ class Trainer:
             plan = self.strategy.plan(self.epoch, self.model)
             apply_plan(self.model, plan)
             train_stats = self.train_epoch(plan)
-            val_metrics, _ = self.evaluate("val")
+            # once per epoch: a strategy may train the evaluated module (mlvicx's downstream copy)
+            self.evaluated = self.strategy.eval_model(self.model, self.train_step)
+            val_metrics, _ = self.evaluate("val", self.evaluated)
             metrics = {"epoch": self.epoch, **train_stats, **val_metrics}
             score = val_metrics.get(self.strategy.monitor(), -math.inf)
             if score > self.best_score:  # keep the evaluated weights of the best epoch for the test
                 self.best_score, self.best_epoch = score, self.epoch
                 self.best_state = {k: v.detach().to("cpu", copy=True)
-                                   for k, v in self.strategy.eval_model(self.model).state_dict().items()}
-            self.stopped_early = self.strategy.after_epoch(self.epoch, val_metrics)
+                                   for k, v in self.evaluated.state_dict().items()}
+            self.stopped_early = self.strategy.after_epoch(self.epoch, self.model, val_metrics)
             self.history.append(metrics)
             self.epoch += 1
             for cb in self.callbacks:
@@ -180,13 +174,11 @@ class Trainer:
         does not depend on what ran before (exact resume) and persistent workers can be kept."""
         if self._train_loader is None:
             self._sampler = EpochSampler(len(self.data.train), self.tc.seed)
-            kw = self.tc.loader_kwargs()
-            self._train_loader = DataLoader(EpochDataset(self.data.train), batch_size=self.tc.batch_size,
-                                            drop_last=True, sampler=self._sampler, collate_fn=collate,
-                                            persistent_workers=kw["num_workers"] > 0, **kw,
-                                            # its own generator: creating iterators must not consume the
-                                            # global RNG that dropout draws from
-                                            generator=torch.Generator().manual_seed(self.tc.seed))
+            self._train_loader = self.train_step.loader(
+                EpochDataset(self.data.train), self.tc.batch_size, drop_last=True, sampler=self._sampler,
+                persistent_workers=self.tc.loader_kwargs()["num_workers"] > 0,
+                # its own generator: creating iterators must not consume the global RNG that dropout draws from
+                generator=torch.Generator().manual_seed(self.tc.seed))
         self._sampler.epoch = self.epoch
         indices = self.strategy.train_indices(self.epoch, len(self.data.train))
         self._sampler.indices = None if indices is None else list(indices)
@@ -208,19 +200,17 @@ class Trainer:
             if i >= num_batches:
                 break
             wait += time.perf_counter() - t_fetch
-            images = batch["image"].to(self.device, non_blocking=True)
-            if self.tc.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = self.train_step.images(batch)
             batch = {k_: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                      for k_, v in batch.items()}
-            with autocast_context(self.device, self.tc.precision):
+            with self.train_step.autocast():
                 outputs = self.strategy.forward(self.model, images, batch)
                 loss = self.strategy.loss(self.model, outputs, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss is {loss.item()} at epoch {self.epoch} batch {i}: lower the learning rates "
                     "(strategy.lr_*), set trainer.grad_clip, or check the labels")
-            self.scaler.scale(loss / k).backward()
+            self.train_step.backward(loss, self.scaler, accumulate=k)
             if (i + 1) % k == 0:
                 self.optimizer_step()
             total += float(loss.detach()) * len(images)
@@ -234,16 +224,10 @@ class Trainer:
                 "train/lr": self.optimizer.param_groups[0]["lr"]}
 
     def optimizer_step(self) -> None:
-        """One optimizer step; the LR schedule then moves to this step's place *within the epoch*, so
-        every epoch advances it by one full epoch even when ``train_indices`` visits part of the data
-        (a Lock epoch on half a dataset): the schedule counts epochs, not images."""
-        if self.tc.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One (clipped) optimizer step; the LR schedule then moves to this step's place *within the
+        epoch*, so every epoch advances it by one full epoch even when ``train_indices`` visits part of
+        the data (a Lock epoch on half a dataset): the schedule counts epochs, not images."""
+        self.train_step.optimizer_step(self.optimizer, self.scaler)
         self.step += 1
         done = self.step - self._epoch_first_step  # steps taken this epoch
         n = max(1, self._epoch_steps)
@@ -255,8 +239,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, split: str, model: nn.Module | None = None) -> tuple[dict[str, float], Evaluator]:
-        """Run ``model`` over a split; the head's task picks the evaluator (AUC, Dice/IoU, mAP)."""
-        model = model or self.strategy.eval_model(self.model)
+        """Run ``model`` (default: a fresh ``eval_model``) over a split; the head's task picks the
+        evaluator (AUC, Dice/IoU, mAP)."""
+        model = model if model is not None else self.strategy.eval_model(self.model, self.train_step)
         was_training = model.training
         model.eval()
         parts = self.strategy.evaluations(model, split)
@@ -287,19 +272,22 @@ class Trainer:
 
     def _run_evaluation(self, dataset: torch.utils.data.Dataset, evaluator: Evaluator, predict: Any,
                         model: nn.Module, label_columns: Sequence[int] | None = None) -> None:
-        loader = DataLoader(dataset, batch_size=self.tc.eval_batch_size, shuffle=False, collate_fn=collate,
-                            **self.tc.loader_kwargs())
+        loader = self.train_step.loader(dataset, self.tc.eval_batch_size, shuffle=False)
         for batch in loader:
             images = batch["image"].to(self.device)
             if label_columns is not None:
                 batch["labels"] = batch["labels"][:, list(label_columns)]
-            with autocast_context(self.device, self.tc.precision):
+            with self.train_step.autocast():
                 out = predict(model, images, batch)
             evaluator.update(to_cpu(out), batch)
 
     def best_model(self) -> nn.Module:
-        """The evaluated model with the best epoch's weights (a copy), or the current one before any."""
-        model = self.strategy.eval_model(self.model)
+        """The evaluated model with the best epoch's weights (a copy), or the current one before any:
+        the last epoch's evaluated module when this run trained one (not asked for again: mlvicx would
+        train its downstream copy anew), else ``eval_model`` (a restored, already finished run)."""
+        model = self.evaluated
+        if model is None:
+            model = self.strategy.eval_model(self.model, self.train_step)
         if self.best_state is not None:
             model = copy.deepcopy(model)
             model.load_state_dict(self.best_state)

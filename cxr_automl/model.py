@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_automl import registry
-from cxr_automl.interfaces import Backbone, DatasetBundle, Head
+from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head
 
 
 class InputAdapter(nn.Module):
@@ -38,7 +38,7 @@ class InputAdapter(nn.Module):
 
 
 class CXRModel(nn.Module):
-    """``head(backbone(adapter(images)))`` — what every strategy trains."""
+    """``head(features(images))`` — what every strategy trains."""
 
     def __init__(self, backbone: Backbone, head: Head, in_channels: int):
         super().__init__()
@@ -46,11 +46,17 @@ class CXRModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> BackboneOutput:
+        """The backbone's output for raw images: adapted (channels, size, normalisation), encoded, and
+        with ``input_size`` filled in. The one place a forward reaches the backbone, for code that
+        needs more than the head's outputs (multi-task heads, embeddings, Grad-CAM, downstream probes)."""
         x = self.adapter(images)
         feats = self.backbone(x)
         feats.input_size = (int(x.shape[-2]), int(x.shape[-1]))
-        return self.head(feats)
+        return feats
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
 
 
 def build_model(backbone_cfg: dict[str, Any], head_cfg: dict[str, Any], data: DatasetBundle) -> CXRModel:

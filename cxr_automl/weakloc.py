@@ -36,9 +36,7 @@ def grad_cam(model: torch.nn.Module, image: torch.Tensor, class_index: int) -> t
     The input itself requires grad so the map has a gradient even when every parameter is frozen.
     """
     x = image.unsqueeze(0).clone().requires_grad_(True)
-    adapted = model.adapter(x)
-    out = model.backbone(adapted)
-    out.input_size = (int(adapted.shape[-2]), int(adapted.shape[-1]))
+    out = model.features(x)
     acts = out.features[-1]
     logit = model.head(out)[0, class_index]
     (grads,) = torch.autograd.grad(logit, acts)

@@ -69,3 +69,15 @@ def test_dataset_items_follow_the_interface(data):
     assert item["labels"].shape == (len(data.class_names),)
     assert isinstance(item["image_id"], str)
     assert data.label_matrix("val").shape == (len(data.val), len(data.class_names))
+
+
+def test_model_features_are_the_one_path_to_the_backbone(data):
+    # rad_dino_tiny needs a fixed input size: features() adapts 32 px grayscale to its spec and says so
+    for backbone in ({"name": "resnet_tiny", "width": 8}, {"name": "rad_dino_tiny"}):
+        model = build_model(backbone, {"name": "mlp", "hidden": 16}, data).eval()
+        x = torch.rand(2, 1, 32, 32)
+        spec = model.backbone.input_spec
+        with torch.no_grad():
+            feats = model.features(x)
+            assert feats.input_size == ((spec.size,) * 2 if spec.fixed_size else (32, 32))
+            torch.testing.assert_close(model(x), model.head(feats))

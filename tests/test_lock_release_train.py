@@ -185,7 +185,7 @@ def test_teacher_ema_covers_backbone_and_shared_task_parts(dense):
         for n in before:
             for p in component(model, n).parameters():
                 p.add_(1.0)
-    s.after_epoch(0, {})
+    s.after_epoch(0, model, {})
     for n, old in before.items():
         student = component(model, n).state_dict()
         for k, v in model.teacher.copies[n].state_dict().items():

@@ -97,3 +97,17 @@ def test_threads_follow_the_slurm_allocation(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_eval_model_is_asked_once_per_epoch_and_the_test_uses_its_module(tmp_path):
+    t = _trainer(tmp_path, "strategy=spft", "strategy.ema_decay=0.5")
+    asked, tested = [], []
+    eval_model, evaluate = t.strategy.eval_model, t.evaluate
+    t.strategy.eval_model = lambda model, step: asked.append(t.epoch) or eval_model(model, step)
+    t.evaluate = lambda split, model=None: (tested.append((split, model)), evaluate(split, model))[1]
+    t.fit()
+    assert asked == [0, 1, 2]
+    assert [s for s, _ in tested] == ["val", "val", "val", "test"]
+    ema = t.strategy.ema.module
+    assert all(m is ema for _, m in tested[:3])  # the module eval_model gave, validated as is
+    assert type(tested[3][1]) is type(ema)  # and tested as a copy with the best epoch's weights

@@ -131,14 +131,51 @@ def test_bottlenecks_are_inline_and_table_iv_flags_select_the_loss(trainer):
 
 def test_downstream_probe_freezes_the_encoder_finetune_does_not(trainer):
     model, strategy = trainer.model, trainer.strategy
-    probe = strategy.downstream.fit(model, trainer.data, seed=0, drop=("mlvicx",))
+    probe = strategy.downstream.fit(model, trainer.data, trainer.train_step, seed=0, drop=("mlvicx",))
     assert not hasattr(probe, "mlvicx") and hasattr(model, "mlvicx")
     for (name, a), b in zip(model.backbone.state_dict().items(), probe.backbone.state_dict().values()):
         assert torch.equal(a, b), name
     assert not all(torch.equal(a, b) for a, b in zip(model.head.parameters(), probe.head.parameters()))
     strategy.downstream.protocol = "finetune"
-    tuned = strategy.downstream.fit(model, trainer.data, seed=0, drop=("mlvicx",))
+    tuned = strategy.downstream.fit(model, trainer.data, trainer.train_step, seed=0, drop=("mlvicx",))
     assert not torch.equal(model.backbone.net.conv1.weight, tuned.backbone.net.conv1.weight)
+
+
+def test_downstream_trains_with_the_runs_step_clipping_precision_and_loader(trainer):
+    from cxr_automl.step import TrainStep
+    from cxr_automl.trainer_utils import TrainerConfig
+    model, strategy = trainer.model, trainer.strategy
+    strategy.downstream.protocol = "finetune"
+
+    def tuned(**trainer_keys):
+        step = TrainStep(TrainerConfig(**trainer_keys), torch.device("cpu"))
+        torch.manual_seed(0)  # the head's dropout draws from the global RNG
+        return strategy.downstream.fit(model, trainer.data, step, seed=0, drop=("mlvicx",))
+
+    @torch.no_grad()
+    def moved(copy):  # how far fine-tuning took the encoder's weights
+        return sum(float((a - b).abs().sum()) for a, b in zip(model.backbone.parameters(),
+                                                                copy.backbone.parameters()))
+
+    free = tuned()
+    # trainer.grad_clip bounds the whole gradient's norm: at 1e-12 AdamW's steps shrink to ~lr·1e-4
+    assert moved(tuned(grad_clip=1e-12)) < 1e-3 * moved(free)
+    # trainer.precision reaches the downstream forward (bf16 autocast on the CPU): other numbers
+    half = tuned(precision="bf16")
+    assert not all(torch.equal(a, b) for a, b in zip(free.head.parameters(), half.head.parameters()))
+    # the loop's loader settings: worker processes, and the same numbers as without them
+    workers = tuned(num_workers=2)
+    for a, b in zip(free.state_dict().values(), workers.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_downstream_copy_is_trained_once_per_epoch(trainer, monkeypatch):
+    fits = []
+    fit = type(trainer.strategy.downstream).fit
+    monkeypatch.setattr(type(trainer.strategy.downstream), "fit",
+                        lambda self, *a, **k: fits.append(trainer.epoch) or fit(self, *a, **k))
+    trainer.fit()
+    assert fits == [0, 1]  # not again for the best-epoch weights, nor for the test
 
 
 @pytest.mark.slow

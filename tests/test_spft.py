@@ -5,7 +5,8 @@ import torch
 
 from cxr_automl import registry
 from cxr_automl.model import build_model
-from cxr_automl.trainer_utils import apply_plan
+from cxr_automl.step import TrainStep
+from cxr_automl.trainer_utils import TrainerConfig, apply_plan
 from cxr_automl_plugins.strategies.spft import initial_class_weights, refine_class_weights
 
 
@@ -66,7 +67,7 @@ def test_ema_is_what_gets_evaluated_and_early_stopping(data):
     model = _model(data)
     s = registry.build("strategy", "spft", epochs=20, ema_decay=0.5, patience=2)
     s.setup(model, data)
-    ema = s.eval_model(model)
+    ema = s.eval_model(model, TrainStep(TrainerConfig(), torch.device("cpu")))
     assert ema is not model
     with torch.no_grad():
         for p in model.head.parameters():
@@ -75,6 +76,6 @@ def test_ema_is_what_gets_evaluated_and_early_stopping(data):
     s.after_step(model)
     for b, e, m in zip(before, ema.head.parameters(), model.head.parameters()):
         assert torch.allclose(e, 0.5 * b + 0.5 * m, atol=1e-5)
-    assert [s.after_epoch(e, {"val/macro_auc": v}) for e, v in enumerate([0.6, 0.7, 0.65, 0.69])] == \
+    assert [s.after_epoch(e, model, {"val/macro_auc": v}) for e, v in enumerate([0.6, 0.7, 0.65, 0.69])] == \
         [False, False, False, True]
     assert math.isclose(s.best, 0.7)

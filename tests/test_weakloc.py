@@ -28,12 +28,15 @@ def test_grad_cam_points_at_the_evidence():
     the first, so its gradient weight is the only non-zero one and the map lights up top-left only."""
     import torch
     from torch import nn
-    from cxr_automl.interfaces import BackboneOutput
+    from cxr_automl.interfaces import BackboneOutput, InputSpec
+    from cxr_automl.model import CXRModel
 
     tl = torch.zeros(1, 1, 16, 16)
     tl[..., :8, :8] = 1
 
     class Split(nn.Module):
+        input_spec = InputSpec(size=16, channels=1, mean=(0.0,), std=(1.0,))  # the adapter is the identity
+
         def forward(self, x):
             feats = torch.cat([x * tl, x * (1 - tl)], dim=1)
             return BackboneOutput(pooled=feats.mean((2, 3)), features=[feats])
@@ -42,8 +45,7 @@ def test_grad_cam_points_at_the_evidence():
         def forward(self, out):
             return out.features[-1][:, :1].mean((1, 2, 3))[:, None]
 
-    model = nn.Module()
-    model.adapter, model.backbone, model.head = nn.Identity(), Split(), FirstChannel()
+    model = CXRModel(Split(), FirstChannel(), in_channels=1)
     image = torch.rand(1, 16, 16) + 0.1
     cam = weakloc.grad_cam(model, image, 0)
     assert float(cam[8:, :].max()) == 0.0 and float(cam[:, 8:].max()) == 0.0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy, predict
+from cxr_automl.step import TrainStep
+from cxr_automl.trainer_utils import TrainerConfig
 
 
 class BackboneContract:
@@ -130,8 +132,9 @@ class StrategyContract:
         out = strategy.forward(model, torch.rand(2, data.channels, 32, 32), batch)
         assert torch.isfinite(strategy.loss(model, out, batch))
         strategy.after_step(model)
-        assert isinstance(strategy.eval_model(model), torch.nn.Module)
-        assert strategy.after_epoch(0, {strategy.monitor(): 0.5}) in (True, False)
+        step = TrainStep(TrainerConfig(), torch.device("cpu"))  # the run's step: defaults, on the CPU
+        assert isinstance(strategy.eval_model(model, step), torch.nn.Module)
+        assert strategy.after_epoch(0, model, {strategy.monitor(): 0.5}) in (True, False)
         state = strategy.state_dict()
         strategy.load_state_dict(state)
 

@@ -3,6 +3,8 @@
 Used by pretraining strategies inside ``Strategy.eval_model``: it returns a trained *copy* of the
 model (backbone + the configured head), which the loop then evaluates on validation/test like any
 classifier, so ``val/macro_auc`` is the downstream AUC and feeds best-epoch selection and Optuna.
+It trains with the run's ``TrainStep`` (``cxr_automl/step.py``), the loop's own step: the
+``trainer`` section's precision, gradient clipping and loader settings apply here as in the loop.
 The labelled images are the training rows with at least one known label — with
 ``dataset.label_fraction`` that is the 1/10/30/100 % protocol, while pretraining sees every image.
 """
@@ -17,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from cxr_automl.interfaces import BackboneOutput, DatasetBundle
+from cxr_automl.step import TrainStep
 
 PROTOCOLS = ("probe", "finetune")
 
@@ -39,11 +42,14 @@ class Downstream:
         if self.epochs < 1:
             raise ValueError("downstream_epochs must be >= 1")
 
-    def fit(self, model: nn.Module, data: DatasetBundle, seed: int, drop: tuple[str, ...] = ()) -> nn.Module:
+    def fit(self, model: nn.Module, data: DatasetBundle, train_step: TrainStep, seed: int,
+            drop: tuple[str, ...] = ()) -> nn.Module:
         """A trained copy of ``model`` without the submodules named in ``drop`` (the pretraining parts).
 
-        Runs under ``torch.enable_grad`` because the loop asks for the evaluated model inside
-        ``torch.no_grad``. Shuffling uses its own generator seeded by ``seed``."""
+        Every step is the run's ``train_step`` (autocast at ``trainer.precision``, the fp16 loss scaler,
+        ``trainer.grad_clip``) and the labelled images come through its loader (``num_workers``,
+        ``pin_memory``). Runs under ``torch.enable_grad`` because the loop may ask for the evaluated
+        model inside ``torch.no_grad``. Shuffling uses its own generator seeded by ``seed``."""
         if getattr(model.head, "task", "classification") != "classification":
             raise ValueError("downstream evaluation trains a classification head; choose head=linear or mlp")
         labels = data.label_matrix("train")
@@ -57,49 +63,47 @@ class Downstream:
             clone = copy.deepcopy(model)
         finally:
             model._modules = shell
-        device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
             if self.protocol == "probe":
-                self._probe(clone, data, labelled, device, gen)
+                self._probe(clone, data, labelled, train_step, gen)
             else:
-                self._finetune(clone, data, labelled, device, gen)
+                self._finetune(clone, data, labelled, train_step, gen)
         clone.eval()
         return clone
 
-    def _loader(self, data: DatasetBundle, idx: list[int], shuffle: bool, gen: torch.Generator) -> DataLoader:
-        from cxr_automl.loop import collate
-        return DataLoader(Subset(data.train, idx), batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=collate, generator=gen)
+    def _loader(self, data: DatasetBundle, idx: list[int], train_step: TrainStep, shuffle: bool,
+                gen: torch.Generator) -> DataLoader:
+        # not persistent_workers: a loader per pass keeps the generator's draws (shuffle order and
+        # worker seeds) the same whatever trainer.num_workers is
+        return train_step.loader(Subset(data.train, idx), self.batch_size, shuffle=shuffle, generator=gen)
 
-    def _probe(self, clone: nn.Module, data: DatasetBundle, idx: list[int], device: torch.device,
+    def _probe(self, clone: nn.Module, data: DatasetBundle, idx: list[int], train_step: TrainStep,
                gen: torch.Generator) -> None:
         for p in clone.parameters():
             p.requires_grad_(False)
         clone.eval()
         feats, ys = [], []
-        with torch.no_grad():  # the encoder is frozen: its pooled features are computed once
-            for batch in self._loader(data, idx, False, gen):
-                out = clone.backbone(clone.adapter(batch["image"].to(device)))
-                feats.append(out.pooled.float())
-                ys.append(batch["labels"].to(device))
+        with torch.no_grad(), train_step.autocast():  # the encoder is frozen: its pooled features are computed once
+            for batch in self._loader(data, idx, train_step, False, gen):
+                feats.append(clone.features(train_step.images(batch)).pooled.float())
+                ys.append(batch["labels"].to(train_step.device))
         x, y = torch.cat(feats), torch.cat(ys)
         head = clone.head
         for p in head.parameters():
             p.requires_grad_(True)
         head.train()
         opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt.zero_grad(set_to_none=True)  # a deep copy keeps any gradient the model had
+        scaler = train_step.scaler()
         for _ in range(self.epochs):
-            order = torch.randperm(len(x), generator=gen).to(device)
+            order = torch.randperm(len(x), generator=gen).to(train_step.device)
             for start in range(0, len(x), self.batch_size):
                 sel = order[start:start + self.batch_size]
-                logits = head(BackboneOutput(pooled=x[sel], features=[]))
-                loss = head.loss(logits, {"labels": y[sel]})
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_step.step(opt, scaler, lambda: head.loss(head(BackboneOutput(pooled=x[sel], features=[])),
+                                                               {"labels": y[sel]}))
 
-    def _finetune(self, clone: nn.Module, data: DatasetBundle, idx: list[int], device: torch.device,
+    def _finetune(self, clone: nn.Module, data: DatasetBundle, idx: list[int], train_step: TrainStep,
                   gen: torch.Generator) -> None:
         for p in clone.parameters():
             p.requires_grad_(True)
@@ -108,11 +112,10 @@ class Downstream:
             {"params": list(clone.head.parameters()), "lr": self.lr},
             {"params": list(clone.backbone.parameters()), "lr": self.lr_backbone},
         ], weight_decay=self.weight_decay)
-        loader = self._loader(data, idx, True, gen)
+        opt.zero_grad(set_to_none=True)  # a deep copy keeps any gradient the model had
+        scaler = train_step.scaler()
+        loader = self._loader(data, idx, train_step, True, gen)
         for _ in range(self.epochs):
             for batch in loader:
-                logits = clone(batch["image"].to(device))
-                loss = clone.head.loss(logits, {"labels": batch["labels"].to(device)})
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                images, labels = train_step.images(batch), batch["labels"].to(train_step.device)
+                train_step.step(opt, scaler, lambda: clone.head.loss(clone(images), {"labels": labels}))

@@ -173,7 +173,6 @@ class LockRelease(Strategy):
         self.objective, self.loc_head, self.seg_head, self.offload = objective, loc_head, seg_head, offload
         self.members: dict[str, dict[str, Any]] | None = None
         self.classes: dict[str, dict[str, list[str]]] = {}
-        self.model: nn.Module | None = None
         self.placement = Placement(torch.device("cpu"))
         self._epoch = 0
 
@@ -219,7 +218,6 @@ class LockRelease(Strategy):
             shared = {"backbone": model.backbone, "loc_encoder": model.head.loc_encoder,
                       "seg_decoder": model.head.seg_decoder}
             model.teacher = Teacher({k: m for k, m in shared.items() if m is not None})
-        self.model = model
 
     def to_device(self, model: nn.Module, device: torch.device) -> None:
         """Backbone (student and teacher) on the device; every head/decoder on the CPU until an epoch
@@ -270,10 +268,11 @@ class LockRelease(Strategy):
 
     def _task_path(self, model: nn.Module, task: str, ds: str, feats: BackboneOutput, teacher_x=None):
         """(prediction, backbone embeddings, task encoder/decoder embeddings) of one task; with
-        ``teacher_x`` the teacher's embeddings of the same input instead (no prediction)."""
+        ``teacher_x`` (the batch's images) the teacher's embeddings of the same input instead (no
+        prediction)."""
         heads = model.head
-        if teacher_x is not None:
-            feats = model.teacher("backbone", teacher_x)
+        if teacher_x is not None:  # the teacher's backbone copy on the student's adapted input
+            feats = model.teacher("backbone", model.adapter(teacher_x))
         if task == "cls":
             pred = None if teacher_x is not None else heads.cls_heads[ds](feats)
             return pred, [feats.pooled], []
@@ -293,13 +292,11 @@ class LockRelease(Strategy):
         shared = SHARED[row.task]
         if shared:  # a frozen shared part keeps its BatchNorm statistics in a Lock epoch
             component(model, shared).train(row.components[shared])
-        x = model.adapter(images)
-        feats = model.backbone(x)
-        feats.input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        feats = model.features(images)
         pred, emb, task_emb = self._task_path(model, row.task, row.dataset, feats)
         out = {"pred": pred, "student": emb, "task_student": task_emb}
         if self.teacher:
-            _, out["teacher"], out["task_teacher"] = self._task_path(model, row.task, row.dataset, feats, x)
+            _, out["teacher"], out["task_teacher"] = self._task_path(model, row.task, row.dataset, feats, images)
         return out
 
     def loss(self, model: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
@@ -319,12 +316,11 @@ class LockRelease(Strategy):
                  for p in ("", "task_") if outputs[f"{p}student"]]
         return mix(task, sum(terms), self.consistency)
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         """The teacher's epoch-wise EMA update of every shared part (the run's state, so it is
         checkpointed with the model)."""
-        if self.teacher and self.rows[epoch].teacher_update and self.model is not None:
-            self.model.teacher.update({n: component(self.model, n) for n in self.model.teacher.copies},
-                                      self.momentum)
+        if self.teacher and self.rows[epoch].teacher_update:
+            model.teacher.update({n: component(model, n) for n in model.teacher.copies}, self.momentum)
         return False
 
     # ------------------------------------------------------------------------------------------ evaluate
@@ -346,9 +342,7 @@ class LockRelease(Strategy):
         self.placement.apply(model, resident(_path(ds, task), teacher=False))
 
     def _predict(self, ds: str, task: str, model: nn.Module, images: torch.Tensor, batch: dict[str, Any]) -> Any:
-        x = model.adapter(images)
-        feats = model.backbone(x)
-        pred, _, _ = self._task_path(model, task, ds, feats)
+        pred, _, _ = self._task_path(model, task, ds, model.features(images))
         if task == "loc":
             return model.head.loc_decoders[ds].predict(pred)
         return torch.sigmoid(pred.float())

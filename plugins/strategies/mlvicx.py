@@ -25,6 +25,7 @@ from timm.optim import Lars
 from torch import nn
 
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.step import TrainStep
 from cxr_automl_plugins.strategies.downstream import Downstream
 from cxr_automl_plugins.strategies.mlvicx_parts import INVARIANCE, MLVICXParts, TwoViews, aggregate, vicreg
 
@@ -56,7 +57,7 @@ class MLVICX(Strategy):
         self.views: TwoViews | None = None
         self.epoch = 0
         self.inline = True
-        self._evaluated: tuple[int, nn.Module] | None = None  # (epoch, downstream copy)
+        self._last_copy: nn.Module | None = None  # the last downstream copy (reused with eval_every > 1)
         self._candidate: dict[str, torch.Tensor] | None = None
         self.best = -math.inf
         self.best_encoder: dict[str, torch.Tensor] | None = None
@@ -127,7 +128,7 @@ class MLVICX(Strategy):
         """(z, m) of one view: global and multi-level embeddings."""
         refined: list[torch.Tensor] = []
         with self._refining(model, refined):
-            out = model.backbone(model.adapter(view))
+            out = model.features(view)
         if not self.inline:  # backbone without stage modules: refine its feature maps post hoc
             refined = [model.mlvicx.bottlenecks[str(i)](out.features[i]) for i in model.mlvicx.levels]
         z = model.mlvicx.global_expander(out.pooled)
@@ -152,22 +153,19 @@ class MLVICX(Strategy):
         return total
 
     # -- downstream evaluation ---------------------------------------------------------------------
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        """The downstream copy for the current epoch, trained once and reused by every evaluation of
-        that epoch. With ``eval_every`` > 1, epochs in between reuse the last copy (same score, so they
+    def eval_model(self, model: nn.Module, train_step: TrainStep) -> nn.Module:
+        """The epoch's downstream copy, trained with the run's ``train_step`` (the loop asks once per
+        epoch). With ``eval_every`` > 1, epochs in between return the last copy (same score, so they
         never become the best epoch); the first and the last epoch are always evaluated."""
-        fresh = (self._evaluated is None or (self.epoch + 1) % self.eval_every == 0
-                 or self.epoch == self.epochs - 1)
-        if self._evaluated is not None and self._evaluated[0] == self.epoch:
-            return self._evaluated[1]
-        if fresh:
+        if (self._last_copy is None or (self.epoch + 1) % self.eval_every == 0
+                or self.epoch == self.epochs - 1):
             assert self.data is not None, "setup() runs before evaluation"
-            clone = self.downstream.fit(model, self.data, seed=self.seed * 1_000 + self.epoch, drop=("mlvicx",))
-            self._evaluated = (self.epoch, clone)
+            self._last_copy = self.downstream.fit(model, self.data, train_step, seed=self.seed * 1_000 + self.epoch,
+                                                  drop=("mlvicx",))
             self._candidate = encoder_state(model.backbone)
-        return self._evaluated[1]
+        return self._last_copy
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         score = val_metrics.get(self.monitor(), -math.inf)
         if score > self.best and self._candidate is not None:
             self.best, self.best_encoder = score, self._candidate

@@ -16,6 +16,7 @@ from torch import nn
 
 from cxr_automl.evaluators import primary_metric
 from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.step import TrainStep
 
 
 def initial_class_weights(labels: torch.Tensor) -> torch.Tensor:
@@ -119,10 +120,10 @@ class StagedFinetune(Strategy):
         if self.ema is not None:
             self.ema.update(model)
 
-    def eval_model(self, model: nn.Module) -> nn.Module:
+    def eval_model(self, model: nn.Module, train_step: TrainStep) -> nn.Module:
         return self.ema.module if self.ema is not None else model
 
-    def after_epoch(self, epoch: int, val_metrics: dict[str, float]) -> bool:
+    def after_epoch(self, epoch: int, model: nn.Module, val_metrics: dict[str, float]) -> bool:
         if self.class_weights is not None:
             aucs = [val_metrics.get(f"val/auc/{c}") for c in self.class_names]
             self.class_weights = refine_class_weights(self.class_weights, aucs, self.weight_refine_rate)

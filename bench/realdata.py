@@ -4,7 +4,8 @@
                                                [--only seg|det] [--out DIR]
     python bench/realdata.py --smoke     # 1 epoch at 64 px: checks that every arm runs
 
-The defaults take about 10-15 minutes on 2 CPU cores.
+The defaults took about 15 minutes when run piecewise (segmentation 11, detection 5 minutes, 1 thread
+each on 2 shared cores); the README's single run took 31 minutes with another job on the same cores.
 
 The 98 covid-seg-100 images that have all three anatomy masks (Cardiomediastinum, Left Lung, Right
 Lung; ../shared/data/covid-seg-100, real CXRs) are written once by ``cxr_automl.testing.layouts`` as a
@@ -37,8 +38,9 @@ both 0.908 / 0.926 (-0.018), the default here; the same at 160 px 0.914 / 0.930 
 mostly Cardiomediastinum (-0.035 at 128 px, -0.022 at 160 px; the lungs -0.01): UperNet predicts at
 stride 4 and is upsampled, the U-Net decodes to full resolution; the gap narrowed a little at 160 px
 (the stride-4 ceiling, ground truth pooled and upsampled, is 0.991 at 128 px). Learning rate and
-resolution moved it; augmentation and decoder width did not. One seed each, 18 test images: how much
-another seed moves these figures was not measured.
+resolution moved it; augmentation and decoder width did not. The default run with 2 threads gave
+0.908 / 0.929 (-0.021): short by 0.001, while the thread count alone moved the reference by 0.003
+(0.926 with 1 thread). One seed each, 18 test images: what another seed does was not measured.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ def write_yolo(items: list[Annotated], out: Path, negatives: int = 2) -> list[st
         label = out / "labels" / split / f"{Path(a.name).stem}.txt"
         label.parent.mkdir(parents=True, exist_ok=True)
         label.write_text("".join(f"{line}\n" for line in lines))
-    (out / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
-                                   + "".join(f"  {k}: {n}\n" for k, n in enumerate(ANATOMY)))
+    # an absolute path: ultralytics reads a relative one under its own datasets folder, not beside the yaml
+    (out / "data.yaml").write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\ntest: images/test\n"
+                                   "names:\n" + "".join(f"  {k}: {n}\n" for k, n in enumerate(ANATOMY)))
     return ["dataset=yolo", f"dataset.data={out / 'data.yaml'}"]
 
 

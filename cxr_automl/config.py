@@ -149,8 +149,8 @@ def _check_component(group: str, node: dict[str, Any]) -> None:
 def _fill_defaults(group: str, node: dict[str, Any]) -> None:
     """Options a component's YAML leaves out (e.g. the loader options every dataset shares, declared once
     in ``data/options.py``) get their factory defaults, so the saved config is the complete one."""
-    defaults = _defaults_node(registry.load(group, node["name"]), node["name"])
-    params = registry.factory_params(registry.load(group, node["name"]))
+    factory = registry.load(group, node["name"])
+    defaults, params = _defaults_node(factory, node["name"]), registry.factory_params(factory)
     for key, value in defaults.items():
         if key not in node and (value is not None or params[key].default is None):
             node[key] = value

@@ -238,10 +238,8 @@ def build_bundle(name: str, records: list[Record], class_names: Sequence[str], p
     if image_cache is not None and mask_fn is not None:
         mask_path = str(build_or_load_masks(image_cache, records, set(keep), _RecordMasks(mask_fn), geometry,
                                             len(structures), o.cache_workers).filename)
-    if image_cache is not None:
-        records, rows = [records[i] for i in keep], keep
-    else:
-        records, rows = [records[i] for i in keep], list(range(len(keep)))
+    # cache rows index the full list; without a cache, a row is the record's position in what is kept
+    records, rows = [records[i] for i in keep], keep if image_cache is not None else list(range(len(keep)))
     by_split: dict[str, tuple[list[Record], list[int]]] = {s: ([], []) for s in SPLITS}
     for rec, row in zip(records, rows):
         by_split[rec.split][0].append(rec)  # type: ignore[index]

@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
 from cxr_automl.interfaces import DatasetBundle
@@ -52,7 +54,7 @@ def fuse_boxes(marks: list[tuple[str, list[float]]], need: int, iou: float) -> l
         (reader, seed_box), rest = left[0], left[1:]
         cluster, left, seen = [seed_box], [], {reader}
         for r, b in rest:
-            if r not in seen and _iou(seed_box, b) >= iou:
+            if r not in seen and float(box_iou(torch.tensor([seed_box]), torch.tensor([b]))[0, 0]) >= iou:
                 cluster.append(b)
                 seen.add(r)
             else:
@@ -60,13 +62,6 @@ def fuse_boxes(marks: list[tuple[str, list[float]]], need: int, iou: float) -> l
         if len(seen) >= need:
             out.append(np.mean(np.array(cluster, np.float32), axis=0).tolist())
     return out
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 @loader("classification")

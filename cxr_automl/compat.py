@@ -48,7 +48,7 @@ def check(backbone: str, head: str, head_cfg: dict[str, Any] | None = None) -> C
     if isinstance(levels, int):
         need = max(need, levels)  # a detection head on the backbone's last `levels` maps
     needed = getattr(h_cls, "feature_maps_needed", None)
-    if callable(needed):  # a head whose need depends on its config (sam2's embed_level)
+    if callable(needed):  # a head whose need depends on its config (e.g. which level it embeds)
         need = max(need, int(needed(head_cfg or {})))
     have = getattr(b_cls, "num_feature_maps", None) if b_cls is not None else None
     if have is not None and need > have:

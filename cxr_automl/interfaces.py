@@ -73,7 +73,7 @@ class Backbone(nn.Module, abc.ABC):
     def stage_modules(self) -> Sequence[nn.Module]:
         """Optional: the modules whose outputs are ``BackboneOutput.features``, in the same order.
 
-        Called by strategies that refine intermediate maps *inline* (mlvicx's context bottlenecks
+        Called by strategies that refine intermediate maps *inline* (e.g. context bottlenecks that
         replace a stage's output through a forward hook, so the refined map feeds the next stage).
         Each module's output must be the NCHW map itself (a Swin stage emitting NHWC tokens should not be
         listed). A backbone without it still works with them, refined post hoc only.
@@ -101,7 +101,7 @@ class Head(nn.Module, abc.ABC):
     task: str = "classification"
     #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
     min_feature_maps: int = 0
-    #: True for heads prompted from the batch (``sam2``: boxes from the masks): ``predict`` then also
+    #: True for heads prompted from the batch (e.g. box prompts taken from the masks): ``predict`` then also
     #: receives the batch — call it through ``interfaces.predict`` so both kinds get what they need
     prompted: bool = False
 
@@ -212,7 +212,7 @@ class Strategy(abc.ABC):
     #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
     epochs: int = 1
     #: True when the configured head is only a template the strategy resizes for each dataset and task
-    #: it composes (lock_release); ``config.compose`` then does not match it to the run's dataset task
+    #: it composes (multi-dataset strategies); ``config.compose`` then does not match it to the run's dataset task
     head_is_template: bool = False
 
     def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
@@ -225,7 +225,7 @@ class Strategy(abc.ABC):
 
     def to_device(self, model: "nn.Module", device: torch.device) -> None:
         """Called once after ``setup``: put the model on the run's device. A strategy that keeps parts
-        of the model off the accelerator (Foundation X's inactive heads) places them itself."""
+        of the model off the accelerator (e.g. inactive per-dataset heads) places them itself."""
         model.to(device)
 
     @abc.abstractmethod
@@ -239,7 +239,7 @@ class Strategy(abc.ABC):
     def optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """Called once, right after ``param_groups``: the optimizer over those groups.
 
-        The default is AdamW; a strategy whose method prescribes another (mlvicx: LARS) overrides it.
+        The default is AdamW; a strategy whose method prescribes another (e.g. LARS) overrides it.
         The loop's LR schedule scales every group's ``lr`` whatever the optimizer.
         """
         return torch.optim.AdamW(param_groups)
@@ -279,7 +279,7 @@ class Strategy(abc.ABC):
         Args:
             model: the trained model.
             train_step: the run's training step (precision, loss scaling, clipping, DataLoaders); a
-                strategy that *trains* the evaluated module (mlvicx's downstream probe) trains it with
+                strategy that *trains* the evaluated module (a downstream probe) trains it with
                 this, so the run's ``trainer`` settings apply there too.
 
         Returns:

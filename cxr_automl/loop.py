@@ -152,7 +152,7 @@ class Trainer:
             plan = self.strategy.plan(self.epoch, self.model)
             apply_plan(self.model, plan)
             train_stats = self.train_epoch(plan)
-            # once per epoch: a strategy may train the evaluated module (mlvicx's downstream copy)
+            # once per epoch: a strategy may train the evaluated module (a pretraining strategy's downstream copy)
             self.evaluated = self.strategy.eval_model(self.model, self.train_step)
             val_metrics, _ = self.evaluate("val", self.evaluated)
             metrics = {"epoch": self.epoch, **train_stats, **val_metrics}
@@ -283,7 +283,7 @@ class Trainer:
 
     def best_model(self) -> nn.Module:
         """The evaluated model with the best epoch's weights (a copy), or the current one before any:
-        the last epoch's evaluated module when this run trained one (not asked for again: mlvicx would
+        the last epoch's evaluated module when this run trained one (not asked for again: a strategy would
         train its downstream copy anew), else ``eval_model`` (a restored, already finished run)."""
         model = self.evaluated
         if model is None:

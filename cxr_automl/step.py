@@ -1,6 +1,6 @@
 """One training step as every training inside a run takes it, and the run's DataLoaders.
 
-The loop (``Trainer.train_epoch``) and whatever a strategy trains during the run — mlvicx's downstream
+The loop (``Trainer.train_epoch``) and whatever a strategy trains during the run — a pretraining strategy's downstream
 probe and fine-tune — take their steps through one ``TrainStep``, so ``trainer.precision`` (autocast,
 the fp16 loss scaler), ``trainer.grad_clip`` and the loader settings (``num_workers``, ``pin_memory``)
 mean the same everywhere. What only the loop does (gradient accumulation over micro-batches, the LR

@@ -1,4 +1,4 @@
-"""Loading local weight files into a backbone (Ark-style, timm, torchvision, MLVICX exports)."""
+"""Loading local weight files into a backbone (Ark-style, timm, torchvision, exported encoders)."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def decode_raster(path: str | Path) -> np.ndarray:
                 bits = max(8, int(max(arr.max(), 1)).bit_length())
                 return np.clip(arr / float(2 ** bits - 1), 0, 1)
             return np.asarray(im.convert("L"), np.float32) / 255.0
-    # ImportError: once ultralytics is imported (yolov8 head) it patches Image.open to retry unknown
+    # ImportError: once ultralytics is imported (by a detection plugin) it patches Image.open to retry unknown
     # files with pi_heif, which is not installed, so a corrupt file surfaces as ModuleNotFoundError.
     except (OSError, SyntaxError, ValueError, ImportError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"Pillow cannot decode it: {exc}") from exc

@@ -45,7 +45,7 @@ def write_films(root: Path, n: int, size: int) -> Path:
 
 
 def loader_rate(split, workers: int, batch: int = 32) -> float:
-    from cxr_automl.loop import collate
+    from cxr_automl.train.loop import collate
     loader = DataLoader(split, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate)
     t0, n = time.perf_counter(), 0
     for b in loader:
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args()
-    from cxr_automl import registry
+    from cxr_automl.plugin import registry
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
@@ -98,7 +98,7 @@ def main() -> None:
         if args.skip_train:
             return
         from cxr_automl import config
-        from cxr_automl.loop import Trainer
+        from cxr_automl.train.loop import Trainer
         print(f"\nresnet18 training epoch (batch {args.batch}, {args.image_size}px, all blocks, "
               f"torch threads {torch.get_num_threads()}, loader workers {args.workers}):")
         for cache in (True, False):

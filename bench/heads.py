@@ -43,8 +43,8 @@ def _rss_mb(field: str) -> float:
 
 def make_batch(task: str, size: int, n: int = 2) -> tuple[dict, object]:
     """``n`` synthetic CXRs at ``size`` px with the task's targets, and a matching DatasetBundle."""
-    from cxr_automl.interfaces import DatasetBundle
-    from cxr_automl.loop import collate
+    from cxr_automl.plugin.interfaces import DatasetBundle
+    from cxr_automl.train.loop import collate
     from cxr_automl_plugins.datasets.synthetic_cxr import CLASSES, STRUCTURES, SyntheticSplit, generate
     split = SyntheticSplit(generate(n, size, 0, "train"), "train", 0, augment=False)
     names = list(STRUCTURES if task == "segmentation" else CLASSES)
@@ -53,8 +53,9 @@ def make_batch(task: str, size: int, n: int = 2) -> tuple[dict, object]:
 
 
 def build(backbone: str, head: str, extra: list[str]):
-    from cxr_automl import compat, config, registry
-    from cxr_automl.model import build_model
+    from cxr_automl import config
+    from cxr_automl.plugin import compat, registry
+    from cxr_automl.train.model import build_model
     task = compat.head_task(head)
     cfg = config.compose([f"backbone={backbone}", f"head={head}", f"dataset.task={task}", "strategy=finetune",
                           *extra])

@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from cxr_automl import config
-from cxr_automl.loop import Trainer
+from cxr_automl.train.loop import Trainer
 
 H100_NOTE = """\
 Estimate for one H100 (SXM) node — from published figures, NOT measured here:

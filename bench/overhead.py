@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from cxr_automl import config
-from cxr_automl.loop import Trainer
-from cxr_automl.model import build_model
-from cxr_automl.trainer_utils import apply_plan
+from cxr_automl.train.loop import Trainer
+from cxr_automl.train.model import build_model
+from cxr_automl.train.runtime import apply_plan
 
 
 def hand_loop_epoch(model, opt, images, labels, batch: int) -> float:

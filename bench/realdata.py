@@ -8,7 +8,7 @@ The defaults took about 15 minutes when run piecewise (segmentation 11, detectio
 each on 2 shared cores); the README's single run took 31 minutes with another job on the same cores.
 
 The 98 covid-seg-100 images that have all three anatomy masks (Cardiomediastinum, Left Lung, Right
-Lung; ../shared/data/covid-seg-100, real CXRs) are written once by ``cxr_automl.testing.layouts`` as a
+Lung; ../shared/data/covid-seg-100, real CXRs) are written once by ``cxr_automl.plugin.testing.layouts`` as a
 ``mask_folder`` and a ``yolo`` layout. Per task, both arms see the same images, split, image size,
 epochs and batch size, train from random initialisation, keep the best validation epoch and are scored
 on the same test images:
@@ -78,7 +78,7 @@ def offline(config_dir: Path) -> None:
 
 
 def write_layouts(root: Path, out: Path) -> tuple[list[str], list[str], int]:
-    from cxr_automl.testing.layouts import read_covid, write_mask_folder, write_yolo
+    from cxr_automl.plugin.testing.layouts import read_covid, write_mask_folder, write_yolo
     items = read_covid(root, n=100)
     return write_mask_folder(items, out / "mask_folder"), write_yolo(items, out / "yolo", negatives=0), len(items)
 
@@ -109,8 +109,9 @@ def unet_reference(data, epochs: int, batch: int, seed: int, lr_encoder: float =
     """The plain loop: smp U-Net from scratch, BCE + Dice, AdamW, cosine per step, best val epoch tested.
     Returns the test metrics (with ``best_epoch``) and the wall seconds."""
     import segmentation_models_pytorch as smp
-    from cxr_automl.evaluators import SegmentationEvaluator
-    from cxr_automl.loop import collate
+
+    from cxr_automl.train.evaluators import SegmentationEvaluator
+    from cxr_automl.train.loop import collate
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     net = smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=len(data.class_names))
@@ -150,7 +151,8 @@ def unet_reference(data, epochs: int, batch: int, seed: int, lr_encoder: float =
 
 
 def segmentation(args: argparse.Namespace, layout: list[str], out: Path) -> list[tuple]:
-    from cxr_automl import registry, run
+    from cxr_automl.plugin import registry
+    from cxr_automl.train import run
     cfg = seg_config(args, layout, out)
     t0 = time.perf_counter()
     ours = run.train(cfg, out / "runs" / "seg-ours")
@@ -170,7 +172,8 @@ def segmentation(args: argparse.Namespace, layout: list[str], out: Path) -> list
 
 # --------------------------------------------------------------------------------------- detection
 def detection(args: argparse.Namespace, layout: list[str], out: Path) -> list[tuple]:
-    from cxr_automl import config, run
+    from cxr_automl import config
+    from cxr_automl.train import run
     cfg = config.compose([*layout, "backbone=yolov8n", "head=yolov8", f"strategy.epochs={args.det_epochs}",
                           *common(args, out), *args.det_extra])
     t0 = time.perf_counter()

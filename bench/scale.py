@@ -74,8 +74,9 @@ def bench_slurm(n_trials: int, n_train: int) -> None:
 
 # ---------------------------------------------------------------- storage: ask/tell throughput
 def _client(spec: str, name: str, seconds: float, out: mp.Queue) -> None:
-    from cxr_automl.storage import open_storage
     import warnings
+
+    from cxr_automl.hpo.storage import open_storage
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")  # the heartbeat-outside-optimize notice, once per client
     study = optuna.load_study(study_name=name, storage=open_storage(spec))
@@ -88,7 +89,7 @@ def _client(spec: str, name: str, seconds: float, out: mp.Queue) -> None:
 
 
 def bench_storage(seconds: float, clients_list: tuple[int, ...]) -> None:
-    from cxr_automl.storage import open_storage
+    from cxr_automl.hpo.storage import open_storage
     tmp = Path(tempfile.mkdtemp(prefix="scale-storage-"))
     specs = {"journal": f"journal:{tmp / 'j.log'}", "sqlite": f"sqlite:///{tmp / 's.db'}", "postgresql": PG_URL}
     table = {}
@@ -148,7 +149,7 @@ def _replay(curves: list[Curve], pruner: str, warmup: int) -> list[Curve | None]
     ``cxr-automl search --pruner`` builds): what it would have run of each. Exact for one worker and the
     random sampler, whose recipes do not depend on what was pruned; checked against the real arms.
     ``pruner``: a name (its default look-ahead) or ``name@fraction`` (``--prune-lookahead fraction``)."""
-    from cxr_automl.search import make_pruner, resolve_prune_lookahead
+    from cxr_automl.hpo.pruners import make_pruner, resolve_prune_lookahead
     name, _, lookahead = pruner.partition("@")
     study = optuna.create_study(direction="maximize", pruner=make_pruner(
         name, warmup, resolve_prune_lookahead(lookahead or "auto", name)))
@@ -238,7 +239,7 @@ def report_pruning(studies: dict[str, optuna.Study], pruners: list[str], orders:
     eventual winner is charged until it found something as good."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = studies["none"]
-    from cxr_automl.summary import epochs_run
+    from cxr_automl.hpo.summary import epochs_run
     spent = {p: epochs_run(s.trials)[0] for p, s in studies.items()}
     for p, s in studies.items():
         pruned = len(s.get_trials(states=(TrialState.PRUNED,)))
@@ -294,8 +295,9 @@ def report_from(run_dirs: list[Path], pruners: list[str], orders: int, seed: int
 def bench_pruning(pruners: list[str], n_trials: int, epochs: int, quick: bool, seed: int, jobs: int,
                   orders: int, warmup: int | str, replay_warmups: list[int], replay_only: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
-    from cxr_automl import search, searchspace
-    warmup = search.resolve_prune_warmup(str(warmup), searchspace.load("spft"), (f"strategy.epochs={epochs}",))
+
+    from cxr_automl.hpo import pruners, searchspace
+    warmup = pruners.resolve_prune_warmup(str(warmup), searchspace.load("spft"), (f"strategy.epochs={epochs}",))
     tmp = Path(tempfile.mkdtemp(prefix="scale-prune-"))
     arms = ["none"] if replay_only else ["none", *pruners]
     print(f"pruning: {n_trials} trials of {epochs} epochs, random sampler seed {seed}, warm-up {warmup}, "

@@ -33,8 +33,8 @@ import time
 import torch
 
 from cxr_automl import config
-from cxr_automl.loop import Callback, Trainer
-from cxr_automl.trainer_utils import apply_plan
+from cxr_automl.train.loop import Callback, Trainer
+from cxr_automl.train.runtime import apply_plan
 
 
 def step_time(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0) -> float:

@@ -43,9 +43,9 @@ def write_png(path: str | Path, width: int = 48, height: int = 48, seed: int = 0
 def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12,
                 window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> Path:
     """An uncompressed single-frame DICOM (Digital X-ray) with pydicom's own writer."""
+    import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    import pydicom
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +116,7 @@ TRAIN_TINY = ["backbone.width=8", "backbone.image_size=32", "head.hidden=16", "s
 
 def train_once(overrides: list[str], run_dir: Path) -> dict:
     """Compose a config the way `cxr-automl train` does and run one tiny epoch of the real loop."""
-    from cxr_automl import config, run
+    from cxr_automl import config
+    from cxr_automl.train import run
     cfg = config.compose([*TRAIN_TINY, *overrides])
     return run.train(cfg, run_dir)

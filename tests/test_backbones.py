@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from cxr_automl import registry
-from cxr_automl.model import build_model
-from cxr_automl.weights import WeightsError
+from conftest import same_backbone_outputs
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.weights import WeightsError
+from cxr_automl.train.model import build_model
 from cxr_automl_plugins.backbones.rad_dino import rad_dino, rad_dino_tiny
 from cxr_automl_plugins.backbones.swin import swin_tiny
-from conftest import same_backbone_outputs
 
 
 def test_swin_loads_an_ark_style_checkpoint(tmp_path, caplog):

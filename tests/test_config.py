@@ -1,7 +1,7 @@
 import pytest
 
 from cxr_automl import config
-from cxr_automl.registry import RegistryError
+from cxr_automl.plugin.registry import RegistryError
 
 
 def test_defaults_compose_to_plain_dict():

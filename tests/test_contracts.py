@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from cxr_automl import config, registry
-from cxr_automl.model import build_model
-from cxr_automl.testing.contracts import BackboneContract, HeadContract, StrategyContract, example_batch
+from cxr_automl import config
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.testing.contracts import BackboneContract, HeadContract, StrategyContract, example_batch
+from cxr_automl.train.model import build_model
 
 
 def _built_in(kind):

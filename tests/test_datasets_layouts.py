@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_automl import registry
-from cxr_automl.testing.contracts import DatasetContract
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.testing.contracts import DatasetContract
 from cxr_files import SHARED, train_once, write_png
 
 COVID = SHARED / "covid-seg-100"

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_automl import registry
-from cxr_automl_plugins.datasets import siim_acr
-from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES, read_boxes
 from cxr_automl.data.records import Problems
-from cxr_automl.testing.contracts import DatasetContract
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.testing.contracts import DatasetContract
+from cxr_automl_plugins.datasets import siim_acr
+from cxr_automl_plugins.datasets.nih_cxr14 import CLASSES as NIH_CLASSES
+from cxr_automl_plugins.datasets.nih_cxr14 import read_boxes
 from cxr_files import SHARED, flat_png, make_nih, train_once, write_dicom, write_png
 
 LABELS = SHARED / "labels"
@@ -138,7 +139,7 @@ def test_chexpert_uncertainty_policies(chexpert_root, tmp_path):
 
 
 def test_chexpert_ignored_labels_are_masked_in_the_loss(chexpert_root, tmp_path):
-    from cxr_automl.loop import collate
+    from cxr_automl.train.loop import collate
     from cxr_automl_plugins.heads.classification import linear
     d = build("chexpert", tmp_path, root=str(chexpert_root), uncertain="ignore", blank="ignore", image_size=32)
     batch = collate([d.train[i] for i in range(16)])

@@ -11,9 +11,9 @@ import torch
 from conftest import run_cli
 from cxr_automl import config
 from cxr_automl.config import ConfigError
-from cxr_automl.evaluators import DetectionEvaluator, SegmentationEvaluator
-from cxr_automl.targets import TargetError, check_boxes, check_masks
-from cxr_automl.testing.contracts import example_batch
+from cxr_automl.plugin.targets import TargetError, check_boxes, check_masks
+from cxr_automl.plugin.testing.contracts import example_batch
+from cxr_automl.train.evaluators import DetectionEvaluator, SegmentationEvaluator
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -147,7 +147,7 @@ def test_cli_yolov8_run_reloads_in_a_fresh_process(in_tmp):
 
 def test_dino_head_takes_maps_that_do_not_halve_exactly():
     """RAD-DINO at 518 px gives 74, 37, 19: RT-DETR's fusion needs exact halving, the head resamples."""
-    from cxr_automl.interfaces import BackboneOutput
+    from cxr_automl.plugin.interfaces import BackboneOutput
     from cxr_automl_plugins.heads.dino import dino
     head = dino(in_channels=(8, 8, 8), num_classes=3, hidden=16, heads=2, num_queries=10, num_denoising=4,
                 decoder_layers=1, encoder_ffn=32, decoder_ffn=32)

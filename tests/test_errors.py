@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 import cxr_automl
 import cxr_automl_plugins
-from cxr_automl.errors import CxrAutomlError, TrainingError, UserError
 from conftest import TINY, run_cli
+from cxr_automl.errors import CxrAutomlError, TrainingError, UserError
 
 
 def _modules():
@@ -34,7 +34,7 @@ def test_every_error_class_derives_from_the_base():
     assert not outside, outside
     for name in ("ConfigError", "RegistryError", "DataError", "WeightsError", "CheckpointError", "SearchSpaceError"):
         assert any(n.endswith("." + name) and issubclass(c, UserError) for n, c in found.items()), name
-    assert issubclass(found["cxr_automl.trainer_utils.NonFiniteLossError"], TrainingError)
+    assert issubclass(found["cxr_automl.train.runtime.NonFiniteLossError"], TrainingError)
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from cxr_automl import config, registry
-from cxr_automl_plugins.strategies.lock_release import ScheduleError, schedule
 from conftest import run_cli
+from cxr_automl import config
+from cxr_automl.plugin import registry
+from cxr_automl_plugins.strategies.lock_release import ScheduleError, schedule
 
 # Table 8 of the Foundation X supplement, transcribed row by row:
 # (epoch #, data size, Backbone, Loc.Enc, Loc.Dec, Seg.Dec, Seg.Head, mode, training task)

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_automl import config, run
-from cxr_automl.loop import Callback, Trainer
-from cxr_automl.testing.layouts import ANATOMY, read_covid, write_coco, write_mask_folder, write_yolo
+from cxr_automl import config
+from cxr_automl.plugin.testing.layouts import ANATOMY, read_covid, write_coco, write_mask_folder, write_yolo
+from cxr_automl.train import run
+from cxr_automl.train.loop import Callback, Trainer
 from cxr_files import SHARED
 
 COVID = SHARED / "covid-seg-100"

@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from cxr_automl import config, registry
-from cxr_automl.loop import Trainer
-from cxr_automl.trainer_utils import apply_plan
+from conftest import TINY as TINY_ALL
+from conftest import run_cli
+from cxr_automl import config
+from cxr_automl.plugin import registry
+from cxr_automl.train.loop import Trainer
+from cxr_automl.train.runtime import apply_plan
 from cxr_automl_plugins.strategies.foundation_parts import all_components, component, resident
 from cxr_automl_plugins.strategies.lock_release import ScheduleError
 from cxr_automl_plugins.strategies.student_teacher import Teacher, consistency_loss, mix
-from conftest import TINY as TINY_ALL, run_cli
 
 TINY = [o for o in TINY_ALL if not o.startswith("strategy.epochs")]  # lock_release's epochs follow its schedule
 
@@ -44,7 +46,7 @@ def ids_of(model, names):
 
 
 def batch_of(trainer, indices):
-    from cxr_automl.loop import collate
+    from cxr_automl.train.loop import collate
     return collate([trainer.data.train[i] for i in indices])
 
 
@@ -317,7 +319,7 @@ def test_classification_lock_release_trains_end_to_end_with_per_dataset_metrics(
 
 
 def test_foundation_x_ablation_space_is_table_10s_four_arms():
-    from cxr_automl import searchspace
+    from cxr_automl.hpo import searchspace
     space = searchspace.load("foundation_x_ablation")
     arms = {(b["strategy.lock"], b["strategy.teacher"]) for b in space.baselines.values()}
     assert arms == {(False, False), (False, True), (True, False), (True, True)} and space.n_trials == 4

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cxr_automl import config
-from cxr_automl.loop import Trainer
-from cxr_automl.trainer_utils import TrainerConfig, TrainerConfigError, make_scheduler, resolve_device
 from conftest import TINY
+from cxr_automl import config
+from cxr_automl.train.loop import Trainer
+from cxr_automl.train.runtime import TrainerConfig, TrainerConfigError, make_scheduler, resolve_device
 
 
 def _trainer(tmp_path, *extra):
@@ -85,7 +85,8 @@ def test_worker_count_does_not_change_results(tmp_path):
 
 def test_threads_follow_the_slurm_allocation(monkeypatch):
     import torch
-    from cxr_automl.trainer_utils import fit_threads_to_allocation
+
+    from cxr_automl.train.runtime import fit_threads_to_allocation
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from cxr_automl import compat, config, registry
-from cxr_automl.callbacks import Checkpointer
-from cxr_automl.checkpoint import load_latest
-from cxr_automl.evaluators import primary_metric
-from cxr_automl.interfaces import predict
-from cxr_automl.loop import Trainer, collate
+from cxr_automl import config
+from cxr_automl.plugin import compat, registry
+from cxr_automl.plugin.interfaces import predict
+from cxr_automl.train.callbacks import Checkpointer
+from cxr_automl.train.checkpoint import load_latest
+from cxr_automl.train.evaluators import primary_metric
+from cxr_automl.train.loop import Trainer, collate
 
 #: small sizes for each component; the architectures are the production ones
 SMALL = {"resnet_tiny": ["backbone.width=8"], "mlp": ["head.hidden=16"], "upernet": ["head.hidden=16"],

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cxr_automl.metrics import classification_metrics
+from cxr_automl.train.metrics import classification_metrics
 
 
 def test_auc_per_class_and_macro_missing_class_reported_not_faked():

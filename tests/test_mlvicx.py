@@ -7,11 +7,12 @@ import pytest
 import torch
 from timm.optim import Lars
 
-from cxr_automl import config, registry
-from cxr_automl.loop import Trainer
+from conftest import TINY, run_cli
+from cxr_automl import config
+from cxr_automl.plugin import registry
+from cxr_automl.train.loop import Trainer
 from cxr_automl_plugins.datasets.synthetic_cxr import keep_label_fraction
 from cxr_automl_plugins.strategies.mlvicx_parts import ContextBottleneck, covariance, invariance, variance, vicreg
-from conftest import TINY, run_cli
 
 # b = 3 images, r = 2 dimensions; every number below is worked out in the comments
 Z1 = torch.tensor([[0.0, 0.0], [2.0, 1.0], [1.0, 3.0]])
@@ -142,8 +143,8 @@ def test_downstream_probe_freezes_the_encoder_finetune_does_not(trainer):
 
 
 def test_downstream_trains_with_the_runs_step_clipping_precision_and_loader(trainer):
-    from cxr_automl.step import TrainStep
-    from cxr_automl.trainer_utils import TrainerConfig
+    from cxr_automl.train.runtime import TrainerConfig
+    from cxr_automl.train.step import TrainStep
     model, strategy = trainer.model, trainer.strategy
     strategy.downstream.protocol = "finetune"
 
@@ -200,7 +201,7 @@ def test_mlvicx_trains_end_to_end_and_its_encoder_loads_as_backbone_weights(in_t
 
 
 def test_table_iv_ablation_space_is_exactly_its_three_arms():
-    from cxr_automl import searchspace
+    from cxr_automl.hpo import searchspace
     space = searchspace.load("mlvicx_ablation")
     assert space.n_trials == len(space.baselines) == 3
     arms = {cfg["strategy.loss_terms"] for cfg in space.baselines.values()}

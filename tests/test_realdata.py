@@ -14,18 +14,19 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-from cxr_automl import compat, config, registry
-from cxr_automl.callbacks import Checkpointer
-from cxr_automl.checkpoint import load_latest
-from cxr_automl.data import DataError
-from cxr_automl.evaluators import primary_metric
-from cxr_automl.interfaces import predict
-from cxr_automl.loop import Trainer, collate
-from cxr_automl.testing.contracts import DatasetContract
-from cxr_automl.testing.layouts import ANATOMY, WRITERS, read_covid, write_mask_folder
-from cxr_files import SHARED
 from test_matrix import SMALL, _same
+
+from cxr_automl import config
+from cxr_automl.data import DataError
+from cxr_automl.plugin import compat, registry
+from cxr_automl.plugin.interfaces import predict
+from cxr_automl.plugin.testing.contracts import DatasetContract
+from cxr_automl.plugin.testing.layouts import ANATOMY, WRITERS, read_covid, write_mask_folder
+from cxr_automl.train.callbacks import Checkpointer
+from cxr_automl.train.checkpoint import load_latest
+from cxr_automl.train.evaluators import primary_metric
+from cxr_automl.train.loop import Trainer, collate
+from cxr_files import SHARED
 
 COVID = SHARED / "covid-seg-100"
 NPZ = SHARED / "pneumoniamnist" / "pneumoniamnist.npz"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cxr_automl import registry
 from conftest import TINY, run_cli
+from cxr_automl.plugin import registry
 
 TOY_MODULE = '''
 """A third-party backbone: a 3-stage CNN implementing cxr-automl's Backbone interface."""
 import torch
 from torch import nn
-from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
 
 
 class ToyCNN(Backbone):
@@ -84,7 +84,7 @@ def third_party(tmp_path_factory):
 
 
 def test_listing_reads_metadata_only():
-    code = ("import sys\nfrom cxr_automl import registry\n"
+    code = ("import sys\nfrom cxr_automl.plugin import registry\n"
             "names = {k: list(registry.available(k)) for k in registry.KINDS}\n"
             "assert 'resnet18' in names['backbone'] and 'spft' in names['strategy'], names\n"
             "loaded = [m for m in sys.modules if m.startswith('cxr_automl_plugins') or m in ('timm', 'torch')]\n"
@@ -123,7 +123,7 @@ def test_same_name_from_two_distributions_is_an_error(tmp_path):
     site = tmp_path / "site"
     _install(_make_dist(tmp_path, "cxr-automl-clash", "cxr_clash", "def resnet18():\n    pass\n",
                         {"cxr_automl.backbones": {"resnet18": "cxr_clash:resnet18"}}), site)
-    proc = subprocess.run([sys.executable, "-c", "from cxr_automl import registry; registry.available('backbone')"],
+    proc = subprocess.run([sys.executable, "-c", "from cxr_automl.plugin import registry; registry.available('backbone')"],
                           env={**__import__("os").environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "declared by two distributions" in proc.stderr

@@ -66,7 +66,7 @@ def _dump_dom(in_tmp: Path, url: str) -> subprocess.CompletedProcess:
 
 def test_report_renders_in_headless_chromium_without_console_errors(in_tmp):
     spec = f"journal:{in_tmp / 'studies.log'}"
-    from cxr_automl.storage import open_storage
+    from cxr_automl.hpo.storage import open_storage
     storage = open_storage(spec)
     _fill(storage, "spft", 0)
     _fill(storage, "finetune", 1)
@@ -100,7 +100,7 @@ def _free_port() -> int:
 
 def test_dashboard_serves_the_study_storage(in_tmp):
     spec = f"journal:{in_tmp / 'studies.log'}"
-    from cxr_automl.storage import open_storage
+    from cxr_automl.hpo.storage import open_storage
     _fill(open_storage(spec), "spft", 0, n=3)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cxr_automl.cli", "dashboard", "--storage", spec, "--port", str(port)],
@@ -125,10 +125,10 @@ def test_dashboard_serves_the_study_storage(in_tmp):
 
 def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys):
     """8 trials: 6 complete of 5 epochs, 2 pruned after 2 -> 34 epochs run, 40 had every trial run to the end."""
-    from cxr_automl import searchspace
-    from cxr_automl.search import SearchOptions
-    from cxr_automl.storage import open_storage
-    from cxr_automl.summary import print_summary
+    from cxr_automl.hpo import searchspace
+    from cxr_automl.hpo.search import SearchOptions
+    from cxr_automl.hpo.storage import open_storage
+    from cxr_automl.hpo.summary import print_summary
     spec = f"journal:{in_tmp / 'studies.log'}"
     storage = open_storage(spec)
     _fill(storage, "spft", 0)
@@ -142,7 +142,8 @@ def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys
     assert "pruning stopped 2 of 8 trials early: 34 epochs run instead of 40 (1.18x fewer)" in " ".join(capsys.readouterr().out.split())
     # a pruned trial that recorded its own epoch count (run_trial does) counts at that, not the longest complete one
     from optuna.trial import create_trial
-    from cxr_automl.summary import epochs_run
+
+    from cxr_automl.hpo.summary import epochs_run
     done = create_trial(value=0.9, intermediate_values={0: 0.5, 1: 0.6, 2: 0.9})
     cut = create_trial(state=TrialState.PRUNED, intermediate_values={0: 0.4}, user_attrs={"epochs": 10})
     assert epochs_run([done, cut]) == (4, 13)
@@ -150,7 +151,7 @@ def test_status_report_and_summary_count_the_epochs_pruning_saved(in_tmp, capsys
 
 def test_read_commands_refuse_a_storage_path_that_is_not_there(in_tmp):
     """A typo in --storage is one line naming the path, and leaves no new empty storage behind."""
-    from cxr_automl.storage import open_storage
+    from cxr_automl.hpo.storage import open_storage
     for spec in (f"journal:{in_tmp / 'typo.log'}", f"sqlite:///{in_tmp / 'typo.db'}"):
         for command in ("status", "summary", "report", "dashboard"):
             proc = run_cli(command, "--storage", spec, cwd=in_tmp, check=False)
@@ -167,7 +168,7 @@ def test_read_commands_refuse_a_storage_path_that_is_not_there(in_tmp):
 def test_status_watch_refreshes_until_the_study_holds_its_target(in_tmp):
     """`status --watch` (after search --detach) keeps refreshing while trials are missing, and returns
     by itself once the study holds its target number of finished trials."""
-    from cxr_automl.storage import open_storage
+    from cxr_automl.hpo.storage import open_storage
     spec = f"journal:{in_tmp / 'w.log'}"
     storage = open_storage(spec)
     _fill(storage, "spft", 0, n=3)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import Sam2Config, Sam2Model
 
+from conftest import same_backbone_outputs
 from cxr_automl import config
 from cxr_automl.config import ConfigError
-from cxr_automl.interfaces import BackboneOutput, predict
-from cxr_automl.weights import WeightsError
+from cxr_automl.plugin.interfaces import BackboneOutput, predict
+from cxr_automl.plugin.weights import WeightsError
 from cxr_automl_plugins.backbones.hiera import hiera, hiera_tiny
 from cxr_automl_plugins.heads.sam2 import mask_boxes, sam2
-from conftest import same_backbone_outputs
 
 
 def test_hiera_loads_vision_model_dir_whole_sam2_dir_and_state_dict_file(tmp_path):

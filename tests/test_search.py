@@ -10,8 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cxr_automl import searchspace
 from conftest import CLI, TINY, run_cli
+from cxr_automl.hpo import searchspace
 
 SPACE = """\
 metric: val/macro_auc
@@ -143,7 +143,7 @@ def test_shipped_spft_space_loads():
 def test_prune_warmup_is_the_first_epoch_a_trial_can_be_stopped(name):
     """A trial far below finished ones is kept before epoch ``warmup`` and stopped at it (hyperband:
     at its bracket's first rung, ``warmup`` or later)."""
-    from cxr_automl.search import make_pruner
+    from cxr_automl.hpo.pruners import make_pruner
     warmup = 4
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=make_pruner(name, warmup), study_name="warmup",
@@ -165,7 +165,7 @@ def test_prune_warmup_is_the_first_epoch_a_trial_can_be_stopped(name):
 
 
 def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp):
-    from cxr_automl import search, storage
+    from cxr_automl.hpo import pruners, search, storage
     (in_tmp / "space.yaml").write_text(SPACE)
     url = f"journal:{in_tmp / 'study.log'}"
     run_cli("search", "-s", "space.yaml", "--study", "w", "-n", "2", "--prune-warmup", "6", "--launcher", "none",
@@ -173,8 +173,8 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
     opts = search.options_from_study("w", storage.open_storage(url), url)
     assert (opts.pruner, opts.prune_warmup) == ("median", 6)
     space = searchspace.load(str(in_tmp / "space.yaml"))
-    assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=24",)) == 6  # a quarter of the epochs
-    assert search.resolve_prune_warmup("auto", space, ("strategy.epochs=4",)) == 2   # at least 2
+    assert pruners.resolve_prune_warmup("auto", space, ("strategy.epochs=24",)) == 6  # a quarter of the epochs
+    assert pruners.resolve_prune_warmup("auto", space, ("strategy.epochs=4",)) == 2   # at least 2
     proc = run_cli("search", "-s", "space.yaml", "--prune-warmup", "-1", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode != 0 and "--prune-warmup -1: use an epoch index >= 0" in proc.stderr + proc.stdout
     assert opts.prune_lookahead == 0.0  # auto: off for the median pruner
@@ -182,8 +182,8 @@ def test_prune_warmup_reaches_workers_and_bad_values_are_one_line_errors(in_tmp)
             "--prune-lookahead", "0.25", "--launcher", "none", "--storage", url, *TINY, cwd=in_tmp)
     opts = search.options_from_study("sh", storage.open_storage(url), url)
     assert (opts.pruner, opts.prune_lookahead) == ("successive_halving", 0.25)
-    assert isinstance(search.make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead), search.LookAheadPruner)
-    assert search.resolve_prune_lookahead("auto", "successive_halving") == 0.125
+    assert isinstance(pruners.make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead), pruners.LookAheadPruner)
+    assert pruners.resolve_prune_lookahead("auto", "successive_halving") == 0.125
     proc = run_cli("search", "-s", "space.yaml", "--prune-lookahead", "0.2", *TINY, cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "--prune-lookahead 0.2: only --pruner successive_halving" in proc.stderr
     proc = run_cli("search", "-s", "space.yaml", "--pruner", "hyperband", "--prune-lookahead", "-1", *TINY,
@@ -211,7 +211,7 @@ def test_lookahead_keeps_a_fast_climber_that_plain_successive_halving_stops(look
     0.80; projected 1/8 of the way to its last epoch (0.64 + 0.06 * 35 / 8 = 0.90) it is ahead, so
     only the look-ahead pruner lets it go on (it ends at 0.88). A flat trial below both is stopped
     either way, and the stored curve stays the measured one."""
-    from cxr_automl.search import make_pruner
+    from cxr_automl.hpo.pruners import make_pruner
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=make_pruner("successive_halving", 4, lookahead))
     assert _climb(study, [0.80] * 40, epochs=40) is None  # the first trial has nobody to lose to

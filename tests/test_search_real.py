@@ -8,12 +8,13 @@ import math
 import optuna
 import pytest
 import yaml
-
-from cxr_automl import config, searchspace
-from cxr_automl.testing.layouts import read_covid, write_coco, write_mask_folder, write_siim, write_yolo
-from conftest import run_cli
-from cxr_files import SHARED
 from test_matrix import SMALL
+
+from conftest import run_cli
+from cxr_automl import config
+from cxr_automl.hpo import searchspace
+from cxr_automl.plugin.testing.layouts import read_covid, write_coco, write_mask_folder, write_siim, write_yolo
+from cxr_files import SHARED
 
 COVID = SHARED / "covid-seg-100"
 #: space → (layout, task its overrides set, the head's tiny overrides)

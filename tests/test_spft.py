@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from cxr_automl import registry
-from cxr_automl.model import build_model
-from cxr_automl.step import TrainStep
-from cxr_automl.trainer_utils import TrainerConfig, apply_plan
+from cxr_automl.plugin import registry
+from cxr_automl.train.model import build_model
+from cxr_automl.train.runtime import TrainerConfig, apply_plan
+from cxr_automl.train.step import TrainStep
 from cxr_automl_plugins.strategies.spft import initial_class_weights, refine_class_weights
 
 

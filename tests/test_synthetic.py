@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_automl import config, run
+from cxr_automl import config
+from cxr_automl.train import run
 from cxr_automl_plugins.datasets import synthetic_cxr as syn
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from cxr_automl import config, run
-from cxr_automl.checkpoint import CheckpointError
-from cxr_automl.loop import Callback
-from cxr_automl.trainer_utils import NonFiniteLossError
 from conftest import TINY, run_cli
+from cxr_automl import config
+from cxr_automl.train import run
+from cxr_automl.train.checkpoint import CheckpointError
+from cxr_automl.train.loop import Callback
+from cxr_automl.train.runtime import NonFiniteLossError
 
 
 def test_train_cli_writes_run_directory(in_tmp):

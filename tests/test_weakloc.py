@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, run_cli
-from cxr_automl import config, run, weakloc
+from cxr_automl import config
+from cxr_automl.train import run, weakloc
 
 
 def test_boxes_from_heatmap_and_accuracy_known_answers():
@@ -28,8 +29,9 @@ def test_grad_cam_points_at_the_evidence():
     the first, so its gradient weight is the only non-zero one and the map lights up top-left only."""
     import torch
     from torch import nn
-    from cxr_automl.interfaces import BackboneOutput, InputSpec
-    from cxr_automl.model import CXRModel
+
+    from cxr_automl.plugin.interfaces import BackboneOutput, InputSpec
+    from cxr_automl.train.model import CXRModel
 
     tl = torch.zeros(1, 1, 16, 16)
     tl[..., :8, :8] = 1

@@ -17,9 +17,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cxr_automl import storage as storage_mod
-from cxr_automl import workers
-from conftest import CLI, TINY, WORKER_SPACE as SPACE, run_cli
+from conftest import CLI, TINY, run_cli
+from conftest import WORKER_SPACE as SPACE
+from cxr_automl.hpo import storage as storage_mod
+from cxr_automl.hpo import workers
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("CXR_TEST_POSTGRES_URL", "postgresql://cxr:cxr@127.0.0.1:5432/cxr_test")
@@ -80,7 +81,7 @@ def test_journal_heartbeat_fails_a_silent_trial_and_requeues_it_with_its_run_dir
 
 
 def test_status_lists_idle_workers_too_and_forgets_exited_or_silent_ones(tmp_path):
-    from cxr_automl.launch_cli import study_status
+    from cxr_automl.cli.study import study_status
     storage = storage_mod.open_storage(f"journal:{tmp_path / 's.log'}", heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(storage=storage, study_name="s")
     waiter = workers.Presence(study, "node1:11", interval=1, grace=2)
@@ -198,7 +199,8 @@ def test_two_local_workers_on_postgres_exact_count_and_killed_worker_resumed(pos
 
 def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
     import submitit
-    from cxr_automl.launch import SlurmOptions, parse_minutes
+
+    from cxr_automl.hpo.launch import SlurmOptions, parse_minutes
     assert [parse_minutes(t) for t in ("90", "1:30", "02:00:00", "1-0", "1-2:30")] == [90, 2, 120, 1440, 1590]
     with pytest.raises(ValueError, match="--slurm.time 'soon'"):
         parse_minutes("soon")
@@ -214,7 +216,8 @@ def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
 
 def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_tmp):
     import submitit
-    from cxr_automl.launch import SlurmOptions
+
+    from cxr_automl.hpo.launch import SlurmOptions
     ex = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
     ex.update_parameters(**SlurmOptions(setup=("module load cuda/12.1", "source ~/venv/bin/activate"),
                                         extra=("mail-type=END", "--exclusive", "mail_user=me@example.org"))

@@ -11,7 +11,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
-from cxr_automl.weights import WeightsError  # noqa: E402
+from cxr_automl.plugin.weights import WeightsError  # noqa: E402
 from cxr_automl_plugins.backbones.yolov8 import yolov8_tiny, yolov8n  # noqa: E402
 
 

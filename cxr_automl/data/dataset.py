@@ -14,7 +14,7 @@ from cxr_automl.data.cache import Decoder, ImageCache, build_or_load, build_or_l
 from cxr_automl.data.images import Geometry, ImageReadError, load_resized, probe
 from cxr_automl.data.options import LoaderOptions
 from cxr_automl.data.records import SPLITS, DataError, Problems, Record, assign_splits, fraction_subset
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 log = logging.getLogger(__name__)
 #: record, original (width, height) → (M, H, W) bool, one mask per structure, at the original size

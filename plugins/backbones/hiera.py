@@ -27,8 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from transformers import AutoConfig, Sam2HieraDetConfig, Sam2Model, Sam2VisionConfig, Sam2VisionModel
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
-from cxr_automl.weights import WeightsError, load_into
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
+from cxr_automl.plugin.weights import WeightsError, load_into
 
 SAM2_ID = "facebook/sam2.1-hiera-tiny"
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
-from cxr_automl.weights import WeightsError, load_into
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
+from cxr_automl.plugin.weights import WeightsError, load_into
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec
-from cxr_automl.weights import load_into
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
+from cxr_automl.plugin.weights import load_into
 from cxr_automl_plugins.backbones.timm_groups import grouped_blocks
 
 #: checkpoints written before each tensor was registered once also hold these aliases of ``net.*``

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from ultralytics.nn.tasks import parse_model, torch_safe_load, yaml_model_load  # noqa: E402
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, InputSpec  # noqa: E402
-from cxr_automl.weights import WeightsError, load_into  # noqa: E402
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec  # noqa: E402
+from cxr_automl.plugin.weights import WeightsError, load_into  # noqa: E402
 
 #: layer indices of P3, P4, P5 in ultralytics' yolov8.yaml, with and without the PAN neck
 OUTPUTS = {True: (15, 18, 21), False: (4, 6, 9)}

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 
 class PolygonMasks:

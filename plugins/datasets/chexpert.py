@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_automl.data import DataError, LoaderOptions, Problems, Record, build_bundle, loader, parse_label, read_csv
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
            "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",

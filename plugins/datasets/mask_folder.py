@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 
 def read_mask(path: str) -> np.ndarray:

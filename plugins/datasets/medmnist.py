@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_automl.data import DataError, Geometry, LoaderOptions, Problems, Record, build_bundle, loader
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 
 class NpzDecoder:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cxr_automl.config import ConfigError
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 SPLITS = ("train", "val", "test")
 

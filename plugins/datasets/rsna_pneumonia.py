@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_automl.data import FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 CLASSES = ["Pneumonia"]
 

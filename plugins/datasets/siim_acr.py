@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 CLASSES = ["Pneumothorax"]
 

@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 
 from cxr_automl.data.dataset import shift
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 GENERATOR_VERSION = 1
 CLASSES = ["nodule", "effusion", "cardiomegaly", "consolidation", "pneumothorax"]

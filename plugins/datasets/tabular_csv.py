@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_automl.data import DataError, LoaderOptions, Problems, Record, build_bundle, loader, parse_label, read_csv
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}

@@ -26,7 +26,7 @@ import torch
 from torchvision.ops import box_iou
 
 from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 CLASSES = ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD",
            "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion", "Pleural thickening",

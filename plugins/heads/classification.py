@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_automl.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head
 
 
 class ClassificationHead(Head):

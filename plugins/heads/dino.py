@@ -23,8 +23,8 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetCon
 from transformers.models.rt_detr.modeling_rt_detr import RTDetrHybridEncoder
 
 from cxr_automl.config import ConfigError
-from cxr_automl.interfaces import BackboneOutput, Head
-from cxr_automl.targets import check_boxes
+from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.targets import check_boxes
 
 
 class LocalizationEncoder(nn.Module):

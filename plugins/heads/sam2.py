@@ -46,9 +46,9 @@ from torchvision.ops import sigmoid_focal_loss
 from transformers import Sam2MaskDecoderConfig, Sam2PromptEncoderConfig
 from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder, Sam2PromptEncoder
 
-from cxr_automl.interfaces import BackboneOutput, Head
-from cxr_automl.targets import check_masks
-from cxr_automl.weights import WeightsError
+from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.targets import check_masks
+from cxr_automl.plugin.weights import WeightsError
 
 PROMPTS = ("mask_box", "image_box")
 DEFAULT_EMBED_LEVEL = 2
@@ -77,12 +77,12 @@ class Sam2SegHead(Head):
 
     task = "segmentation"
     min_feature_maps = 3
-    #: ``predict`` needs the batch: the box prompts come from it (see ``cxr_automl.interfaces.predict``)
+    #: ``predict`` needs the batch: the box prompts come from it (see ``cxr_automl.plugin.interfaces.predict``)
     prompted = True
 
     @staticmethod
     def feature_maps_needed(head_cfg: dict[str, Any]) -> int:
-        """Maps the backbone must give for this config (read by ``cxr_automl.compat`` at compose time)."""
+        """Maps the backbone must give for this config (read by ``cxr_automl.plugin.compat`` at compose time)."""
         return int(head_cfg.get("embed_level", DEFAULT_EMBED_LEVEL)) + 1
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, embed_level: int, hidden: int,
@@ -191,7 +191,7 @@ class Sam2SegHead(Head):
     def predict(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any] | None = None) -> torch.Tensor:
         if batch is None:
             raise ValueError("the sam2 head is box-prompted: predict(outputs, batch) needs the batch, whose masks "
-                             "give the prompts (cxr_automl.interfaces.predict passes it)")
+                             "give the prompts (cxr_automl.plugin.interfaces.predict passes it)")
         boxes, prompted, _ = self.prompts(batch, outputs["embed"].device, train=False)
         logits, _, obj = self.decode(outputs, boxes)
         probs = logits.float().sigmoid() * prompted[..., None, None]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from cxr_automl.interfaces import BackboneOutput, Head
-from cxr_automl.targets import check_masks
+from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.targets import check_masks
 
 
 def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

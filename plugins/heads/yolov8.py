@@ -24,8 +24,8 @@ from ultralytics.nn.modules import Conv, Detect  # noqa: E402
 from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
 from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 
-from cxr_automl.interfaces import BackboneOutput, Head  # noqa: E402
-from cxr_automl.targets import check_boxes  # noqa: E402
+from cxr_automl.plugin.interfaces import BackboneOutput, Head  # noqa: E402
+from cxr_automl.plugin.targets import check_boxes  # noqa: E402
 
 
 class YoloV8Head(Head):

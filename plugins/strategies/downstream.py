@@ -3,7 +3,7 @@
 Used by pretraining strategies inside ``Strategy.eval_model``: it returns a trained *copy* of the
 model (backbone + the configured head), which the loop then evaluates on validation/test like any
 classifier, so ``val/macro_auc`` is the downstream AUC and feeds best-epoch selection and Optuna.
-It trains with the run's ``TrainStep`` (``cxr_automl/step.py``), the loop's own step: the
+It trains with the run's ``TrainStep`` (``cxr_automl/train/step.py``), the loop's own step: the
 ``trainer`` section's precision, gradient clipping and loader settings apply here as in the loop.
 The labelled images are the training rows with at least one known label — with
 ``dataset.label_fraction`` that is the 1/10/30/100 % protocol, while pretraining sees every image.
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cxr_automl.interfaces import BackboneOutput, DatasetBundle
-from cxr_automl.step import TrainStep
+from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle
+from cxr_automl.train.step import TrainStep
 
 PROTOCOLS = ("probe", "finetune")
 

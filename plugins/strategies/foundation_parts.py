@@ -21,9 +21,9 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from cxr_automl import registry
 from cxr_automl.config import ConfigError
-from cxr_automl.interfaces import BackboneOutput, DatasetBundle, Head
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, Head
 from cxr_automl_plugins.heads.dino import DinoDetHead
 from cxr_automl_plugins.heads.upernet import UperNetSegHead, mask_loss
 

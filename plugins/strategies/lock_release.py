@@ -28,13 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr_automl import registry
 from cxr_automl.config import ConfigError
 from cxr_automl.errors import UserError
-from cxr_automl.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
 from cxr_automl_plugins.datasets.multi import compose, select_structure
-from cxr_automl_plugins.strategies.foundation_parts import (
-    Placement, build_heads, class_names, component, resident)
+from cxr_automl_plugins.strategies.foundation_parts import Placement, build_heads, class_names, component, resident
 from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
 
 TASKS = ("cls", "loc", "seg")

@@ -24,8 +24,8 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
-from cxr_automl.step import TrainStep
+from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.train.step import TrainStep
 from cxr_automl_plugins.strategies.downstream import Downstream
 from cxr_automl_plugins.strategies.mlvicx_parts import INVARIANCE, MLVICXParts, TwoViews, aggregate, vicreg
 

@@ -14,9 +14,9 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from cxr_automl.evaluators import primary_metric
-from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy
-from cxr_automl.step import TrainStep
+from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.train.evaluators import primary_metric
+from cxr_automl.train.step import TrainStep
 
 
 def initial_class_weights(labels: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from cxr_automl import config, registry
-from cxr_automl.interfaces import DatasetBundle
+from cxr_automl import config
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import DatasetBundle
 
 SPLITS = ("train", "val", "test")
 

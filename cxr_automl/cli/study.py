@@ -14,11 +14,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cxr_automl import launch, optuna_private
-from cxr_automl import search as search_mod
-from cxr_automl import storage as storage_mod
-from cxr_automl import workers
-from cxr_automl.summary import epochs_run, print_summary
+from cxr_automl.hpo import launch, optuna_private, workers
+from cxr_automl.hpo import search as search_mod
+from cxr_automl.hpo import storage as storage_mod
+from cxr_automl.hpo.summary import epochs_run, print_summary
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
@@ -150,7 +149,7 @@ def print_status(spec: str, names: list[str] | None, as_json: bool, watch: float
 def print_study_summary(spec: str, name: str | None, search_space: str | None = None) -> None:
     """``cxr-automl summary``: the end-of-search table from the storage alone (``name``: default the
     storage's only study; ``search_space``: default the path recorded in the study)."""
-    from cxr_automl.searchspace import SearchSpaceError
+    from cxr_automl.hpo.searchspace import SearchSpaceError
     storage, names = _open_existing(spec)
     if name is None and len(names) != 1:
         raise ValueError(f"{spec} holds {len(names)} studies ({', '.join(names) or 'none'}); pick one with --study")

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from cxr_automl import registry
+from cxr_automl.plugin import registry
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_automl import registry
-from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head
 
 
 class InputAdapter(nn.Module):

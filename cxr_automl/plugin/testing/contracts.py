@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from cxr_automl.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy, predict
-from cxr_automl.step import TrainStep
-from cxr_automl.trainer_utils import TrainerConfig
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy, predict
+from cxr_automl.train.runtime import TrainerConfig
+from cxr_automl.train.step import TrainStep
 
 
 class BackboneContract:

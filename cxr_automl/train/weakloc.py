@@ -70,8 +70,8 @@ class WeakLocResult:
 
 def load_trained_model(run_dir: Path) -> tuple[torch.nn.Module, Any]:
     """Rebuild a run from its config.yaml and load the best epoch's evaluated weights."""
-    from cxr_automl.checkpoint import load_latest
-    from cxr_automl.loop import Trainer
+    from cxr_automl.train.checkpoint import load_latest
+    from cxr_automl.train.loop import Trainer
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise WeakLocError(f"{run_dir} has no config.yaml; pass the run directory of a `cxr-automl train` run")

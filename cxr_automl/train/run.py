@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 from rich.progress import Progress
 
-from cxr_automl.callbacks import Checkpointer, MetricsLogger, RichProgress
 from cxr_automl.config import to_yaml
-from cxr_automl.loop import Callback, Trainer
+from cxr_automl.train.callbacks import Checkpointer, MetricsLogger, RichProgress
+from cxr_automl.train.loop import Callback, Trainer
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:

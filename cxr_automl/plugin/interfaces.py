@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # step.py builds on trainer_utils, which imports this module
-    from cxr_automl.step import TrainStep
+    from cxr_automl.train.step import TrainStep
 
 
 # ----------------------------------------------------------------------------------------------- backbones
@@ -97,7 +97,7 @@ class Head(nn.Module, abc.ABC):
     ``in_channels`` and ``num_classes`` from them (the user never writes those).
     """
 
-    #: which evaluator applies (``cxr_automl.evaluators``): "classification", "segmentation", "detection"
+    #: which evaluator applies (``cxr_automl.train.evaluators``): "classification", "segmentation", "detection"
     task: str = "classification"
     #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
     min_feature_maps: int = 0

@@ -54,7 +54,7 @@ class SearchSpace:
 
 def search_space_dirs() -> list[Path]:
     """Where NAME is looked up: ./search_spaces, then the one beside the installed package source."""
-    return [Path.cwd() / "search_spaces", Path(__file__).resolve().parent.parent / "search_spaces"]
+    return [Path.cwd() / "search_spaces", Path(__file__).resolve().parents[2] / "search_spaces"]
 
 
 def resolve(name_or_path: str) -> Path:

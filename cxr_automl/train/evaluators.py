@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr_automl.interfaces import DatasetBundle
-from cxr_automl.metrics import classification_metrics
-from cxr_automl.targets import check_boxes, check_masks
+from cxr_automl.plugin.interfaces import DatasetBundle
+from cxr_automl.plugin.targets import check_boxes, check_masks
+from cxr_automl.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cxr_automl.checkpoint import LAST, load_latest, save_atomic
-from cxr_automl.interfaces import EpochPlan
-from cxr_automl.loop import Callback
+from cxr_automl.plugin.interfaces import EpochPlan
+from cxr_automl.train.checkpoint import LAST, load_latest, save_atomic
+from cxr_automl.train.loop import Callback
 
 if TYPE_CHECKING:
-    from cxr_automl.loop import Trainer
+    from cxr_automl.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 

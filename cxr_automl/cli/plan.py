@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 from rich.table import Table
 
-from cxr_automl import config, registry
+from cxr_automl import config
 from cxr_automl.errors import UserError
+from cxr_automl.plugin import registry
 
 
 class PlanError(UserError):

@@ -16,7 +16,7 @@ import optuna
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
-from cxr_automl import optuna_private
+from cxr_automl.hpo import optuna_private
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -55,7 +55,7 @@ def claim(study: optuna.Study, trial: optuna.Trial, target: int, me: str) -> boo
     that started running first win (start time, then number: a trial popped from the queue keeps its
     old, low number but starts when popped). A surplus trial is failed with a reason and, if it came
     from the queue (a baseline or a retry), put back in the queue. The tell-time check in
-    search.run_trial backs this up should clocks of different nodes disagree."""
+    trial.run_trial backs this up should clocks of different nodes disagree."""
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in FINISHED for t in trials)
 

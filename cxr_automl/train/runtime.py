@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cxr_automl.errors import TrainingError, UserError
-from cxr_automl.interfaces import EpochPlan, iter_params
+from cxr_automl.plugin.interfaces import EpochPlan, iter_params
 
 
 class NonFiniteLossError(TrainingError):

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.colors import qualitative
 
-from cxr_automl.summary import epochs_run
+from cxr_automl.hpo.summary import epochs_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

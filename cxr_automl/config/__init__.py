@@ -20,8 +20,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cxr_automl import registry
 from cxr_automl.errors import UserError
+from cxr_automl.plugin import registry
 
 GROUPS = tuple(registry.KINDS)  # backbone, head, strategy, dataset
 #: factory arguments the core supplies itself; users never set them
@@ -33,7 +33,7 @@ class ConfigError(UserError):
 
 
 def _group_files(group: str) -> set[str]:
-    root = importlib.resources.files("cxr_automl.conf") / group
+    root = importlib.resources.files("cxr_automl.config.conf") / group
     return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
@@ -77,7 +77,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     fixed = _add_plus_for_factory_keys(overrides, selection)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module("cxr_automl.conf", version_base="1.3"):
+        with initialize_config_module("cxr_automl.config.conf", version_base="1.3"):
             cfg = hydra_compose("config", overrides=fixed)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
@@ -88,7 +88,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     for group in GROUPS:
         _check_component(group, plain[group])
         _fill_defaults(group, plain[group])
-    from cxr_automl.compat import check_config  # backbone × head × dataset task, before building
+    from cxr_automl.plugin.compat import check_config  # backbone × head × dataset task, before building
     reason = check_config(plain) if check_task else None
     if reason:
         raise ConfigError(reason)
@@ -122,13 +122,13 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
 def _yaml_keys(group: str, name: str) -> set[str] | None:
     if name not in _group_files(group):
         return None
-    text = (importlib.resources.files("cxr_automl.conf") / group / f"{name}.yaml").read_text()
+    text = (importlib.resources.files("cxr_automl.config.conf") / group / f"{name}.yaml").read_text()
     node = OmegaConf.create(text)
     return set(node.keys())  # type: ignore[arg-type]
 
 
 def default_selection() -> dict[str, str]:
-    text = (importlib.resources.files("cxr_automl.conf") / "config.yaml").read_text()
+    text = (importlib.resources.files("cxr_automl.config.conf") / "config.yaml").read_text()
     sel = {}
     for item in OmegaConf.create(text)["defaults"]:
         if isinstance(item, dict) or OmegaConf.is_dict(item):

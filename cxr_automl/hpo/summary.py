@@ -11,10 +11,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from cxr_automl.searchspace import format_value
+from cxr_automl.hpo.searchspace import format_value
 
 if TYPE_CHECKING:
-    from cxr_automl.search import SearchOptions
+    from cxr_automl.hpo.search import SearchOptions
 
 
 def _test_metric(space_metric: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxr_automl.trainer_utils import TrainerConfig, autocast_context
+from cxr_automl.train.runtime import TrainerConfig, autocast_context
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

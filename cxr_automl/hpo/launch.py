@@ -22,9 +22,10 @@ from typing import Any
 import optuna
 import submitit
 
-from cxr_automl import search as search_mod
-from cxr_automl import storage as storage_mod
-from cxr_automl.callbacks import make_progress
+from cxr_automl.hpo import search as search_mod
+from cxr_automl.hpo import storage as storage_mod
+from cxr_automl.hpo import trial as trial_mod
+from cxr_automl.train.callbacks import make_progress
 
 
 @dataclass
@@ -46,7 +47,7 @@ def run_worker(spec: WorkerSpec, index: int, workers: int = 1) -> int:
                                        grace_period=spec.grace_period, must_exist=True, wait=True)
     opts = search_mod.options_from_study(spec.study, storage, spec.storage, spec.search_space, spec.overrides)
     study = search_mod.worker(opts, storage, index=index, poll_seconds=spec.poll_seconds)
-    return search_mod.n_finished(study)
+    return trial_mod.n_finished(study)
 
 
 class SlurmWorker(submitit.helpers.Checkpointable):
@@ -143,7 +144,7 @@ def _watch(study_name: str, storage_spec: str, target: int, alive) -> None:
         while True:
             running = alive()
             trials = study.get_trials(deepcopy=False)
-            done = sum(t.state in search_mod.FINISHED for t in trials)
+            done = sum(t.state in trial_mod.FINISHED for t in trials)
             busy = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
             progress.update(bar, completed=done, info=f"{busy} running")
             if not running:
@@ -242,7 +243,7 @@ def _report_lost_workers(errors: str, spec: WorkerSpec, target: int) -> None:
     """A worker that died (killed, node lost) is an error only if the study fell short: its trial was
     re-run by the others, so a study at its target is complete."""
     study = optuna.load_study(study_name=spec.study, storage=storage_mod.open_storage(spec.storage))
-    if search_mod.n_finished(study) >= target:
+    if trial_mod.n_finished(study) >= target:
         print(f"warning: some workers died ({errors}); the others finished the study", file=sys.stderr, flush=True)
         return
     raise RuntimeError(errors)

@@ -21,8 +21,8 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from cxr_automl import optuna_private
 from cxr_automl.errors import UserError
+from cxr_automl.hpo import optuna_private
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
     help="Find the best way to adapt a chest X-ray foundation model to a task.\n\n"
          "Components (backbone, head, strategy, dataset) are plugins; a run is composed from "
-         "cxr_automl/conf with Hydra overrides such as [bold]backbone=resnet18 strategy.unfreeze_k=2[/bold].\n\n"
+         "cxr_automl/config/conf with Hydra overrides such as [bold]backbone=resnet18 strategy.unfreeze_k=2[/bold].\n\n"
          "Start with: [bold]cxr-automl search[/bold] (synthetic data, tiny backbone, local SQLite study).\n\n"
          "Then: [bold]cxr-automl plugins --matrix[/bold], [bold]cxr-automl train --show-config[/bold], "
          "[bold]cxr-automl data check dataset=NAME dataset.root=DIR[/bold], "
@@ -59,8 +59,9 @@ def train(ctx: typer.Context,
     (re-running with the same run_dir resumes from its last checkpoint).
     """
     _setup_logging(verbose)
-    from cxr_automl import config, run
-    from cxr_automl.callbacks import make_progress
+    from cxr_automl import config
+    from cxr_automl.train import run
+    from cxr_automl.train.callbacks import make_progress
     try:
         cfg = config.compose(ctx.args)
         if show_config:
@@ -139,13 +140,14 @@ def search(ctx: typer.Context,
     metrics feed the pruner; Ctrl-C keeps finished trials and the same command resumes.
     """
     _setup_logging(verbose)
-    from cxr_automl import searchspace
-    from cxr_automl import search as search_mod
+    from cxr_automl.hpo import pruners
+    from cxr_automl.hpo import search as search_mod
+    from cxr_automl.hpo import searchspace
     try:
         space = searchspace.load(search_space)
         runs_root = Path("runs")
         runs_root.mkdir(exist_ok=True)
-        from cxr_automl import storage as storage_mod
+        from cxr_automl.hpo import storage as storage_mod
         if launcher not in ("local", "slurm", "none") or workers < 1:
             raise ValueError(f"--launcher {launcher!r} --workers {workers}: use local|slurm|none and workers >= 1")
         if launcher == "slurm" and shutil.which("sbatch") is None:
@@ -155,14 +157,14 @@ def search(ctx: typer.Context,
             raise ValueError(f"--detach needs --launcher slurm (--launcher {launcher}: the workers are this "
                              "command's children and stop with it)")
         url = storage or storage_mod.default_spec(runs_root, workers)
-        warmup = search_mod.resolve_prune_warmup(prune_warmup, space, tuple(ctx.args))
-        search_mod.make_sampler(sampler, seed), search_mod.make_pruner(pruner, warmup)  # fail fast on bad names
+        warmup = pruners.resolve_prune_warmup(prune_warmup, space, tuple(ctx.args))
+        pruners.make_sampler(sampler, seed), pruners.make_pruner(pruner, warmup)  # fail fast on bad names
         opts = search_mod.SearchOptions(space=space, n_trials=n_trials or space.n_trials, storage=url,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
                                         prune_warmup=warmup,
-                                        prune_lookahead=search_mod.resolve_prune_lookahead(prune_lookahead, pruner),
+                                        prune_lookahead=pruners.resolve_prune_lookahead(prune_lookahead, pruner),
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
-        from cxr_automl.launch import SlurmOptions
+        from cxr_automl.hpo.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,
                              qos=slurm_qos, constraint=slurm_constraint, setup=tuple(slurm_setup or ()),
@@ -176,7 +178,7 @@ def search(ctx: typer.Context,
         if launcher == "local" and workers == 1:
             result = search_mod.search(opts)
         else:
-            from cxr_automl import launch_cli
+            from cxr_automl.cli import study as launch_cli
             result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, slurm,
                                                   wait=not detach)
             if result is None:
@@ -186,7 +188,7 @@ def search(ctx: typer.Context,
     except KeyboardInterrupt:
         raise _fail(f"interrupted; finished trials are kept in {url} (study {opts.study_name}); "
                     "run the same command again to finish the rest", 130)
-    from cxr_automl.summary import print_summary
+    from cxr_automl.hpo.summary import print_summary
     print_summary(result, opts)
 
 
@@ -207,7 +209,7 @@ def data_check(ctx: typer.Context,
     Example: [bold]cxr-automl data check dataset=nih_cxr14 dataset.root=/data/nih[/bold]
     """
     _setup_logging(verbose)
-    from cxr_automl import datacheck
+    from cxr_automl.cli import datacheck
     try:
         rep = datacheck.check(ctx.args, mask_samples=mask_samples)
     except _user_errors() as exc:
@@ -230,7 +232,7 @@ def plan(ctx: typer.Context,
 
     Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
     """
-    from cxr_automl import plan as plan_mod
+    from cxr_automl.cli import plan as plan_mod
     try:
         name, rows = plan_mod.schedule_rows(ctx.args)
     except (*_user_errors(), plan_mod.PlanError) as exc:
@@ -243,7 +245,7 @@ def plan(ctx: typer.Context,
 
 
 def _storage_error() -> type[BaseException]:
-    from cxr_automl.storage import StorageUnavailableError
+    from cxr_automl.hpo.storage import StorageUnavailableError
     return StorageUnavailableError
 
 
@@ -265,7 +267,8 @@ def worker(ctx: typer.Context,
     Example (inside sbatch --array): [bold]cxr-automl worker --study spft --storage journal:runs/cxr-automl.log[/bold]
     """
     _setup_logging(verbose)
-    from cxr_automl import launch, workers as workers_mod
+    from cxr_automl.hpo import launch
+    from cxr_automl.hpo import workers as workers_mod
     workers_mod.requeue_on_usr2()
     index = worker_index if worker_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
     spec = launch.WorkerSpec(study=study, storage=storage, search_space=search_space, overrides=tuple(ctx.args),
@@ -290,7 +293,7 @@ def status(study: list[str] = typer.Option(None, "--study", help="Study name (re
 
     Example, after search --detach: [bold]cxr-automl status --storage journal:runs/cxr-automl.log --watch 30[/bold]
     (returns once the search is done; then cxr-automl summary)."""
-    from cxr_automl import launch_cli
+    from cxr_automl.cli import study as launch_cli
     if watch < 0:
         raise _fail(f"--watch {watch:g}: use seconds > 0 (or 0 to print once)")
     try:
@@ -310,7 +313,7 @@ def summary(study: Optional[str] = typer.Option(None, "--study", help="Default: 
     """The end-of-search table of a study: best trials, baselines, the command that reproduces the best.
 
     For a search that ran elsewhere (--detach, plain sbatch); also rewrites runs/<study>/summary.json."""
-    from cxr_automl import launch_cli
+    from cxr_automl.cli import study as launch_cli
     try:
         launch_cli.print_study_summary(storage, study, search_space)
     except (*_user_errors(), _storage_error(), ValueError) as exc:
@@ -325,8 +328,8 @@ def report(storage: str = typer.Option(..., "--storage"),
 
     Best values, histories, importances, parallel coordinates, learning curves, per-class AUC of each
     study's best trial."""
-    from cxr_automl import report as report_mod
-    from cxr_automl import storage as storage_mod
+    from cxr_automl.hpo import report as report_mod
+    from cxr_automl.hpo import storage as storage_mod
     try:
         path = report_mod.write_report(storage_mod.open_storage(storage, must_exist=True), storage, study or None, out)
     except (_storage_error(), ValueError) as exc:
@@ -342,7 +345,8 @@ def dashboard(storage: str = typer.Option(..., "--storage"),
 
     Every trial's user attrs show its components, run dir, metrics and failure reason."""
     from optuna_dashboard import run_server
-    from cxr_automl import storage as storage_mod
+
+    from cxr_automl.hpo import storage as storage_mod
     try:
         opened = storage_mod.open_storage(storage, must_exist=True)
     except (_storage_error(), ValueError) as exc:
@@ -363,7 +367,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="Run directory of a classi
     weakloc.json and heatmap overlays. Example: [bold]cxr-automl evaluate runs/train/20261126-101500[/bold]
     """
     _setup_logging(False)
-    from cxr_automl import weakloc
+    from cxr_automl.train import weakloc
     try:
         res = weakloc.evaluate(run_dir, split=split, cam_threshold=cam_threshold, overlays=overlays)
     except (*_user_errors(), weakloc.WeakLocError) as exc:
@@ -386,9 +390,9 @@ def evaluate(run_dir: Path = typer.Argument(..., help="Run directory of a classi
 def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
             matrix: bool = typer.Option(False, "--matrix", help="Valid backbone × head combinations.")) -> None:
     """List every registered component, the distribution it comes from, and whether it loads."""
-    from cxr_automl import registry
+    from cxr_automl.plugin import registry
     if matrix:
-        from cxr_automl.compat import print_matrix
+        from cxr_automl.plugin.compat import print_matrix
         try:
             print_matrix(as_json)
         except registry.RegistryError as exc:

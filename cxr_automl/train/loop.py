@@ -21,14 +21,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxr_automl import registry
-from cxr_automl.interfaces import DatasetBundle, EpochPlan, Strategy, predict
-from cxr_automl.evaluators import Evaluator, PartsWriter, evaluator_for, make_evaluator
-from cxr_automl.model import CXRModel, build_model
-from cxr_automl.step import TrainStep, collate  # noqa: F401 (collate: also imported from here)
-from cxr_automl.trainer_utils import (
-    NonFiniteLossError, TrainerConfig, apply_plan, make_scheduler, maybe_compile, resolve_device,
-    seed_everything, fit_threads_to_allocation)
+from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy, predict
+from cxr_automl.train.evaluators import Evaluator, PartsWriter, evaluator_for, make_evaluator
+from cxr_automl.train.model import CXRModel, build_model
+from cxr_automl.train.runtime import (
+    NonFiniteLossError,
+    TrainerConfig,
+    apply_plan,
+    fit_threads_to_allocation,
+    make_scheduler,
+    maybe_compile,
+    resolve_device,
+    seed_everything,
+)
+from cxr_automl.train.step import TrainStep, collate  # noqa: F401 (collate: also imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +315,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        from cxr_automl.checkpoint import rng_state
+        from cxr_automl.train.checkpoint import rng_state
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "strategy": self.strategy.state_dict(), "epoch": self.epoch, "step": self.step,
@@ -317,7 +324,7 @@ class Trainer:
                 "config_fingerprint": config_fingerprint(self.cfg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from cxr_automl.checkpoint import CheckpointError, set_rng_state
+        from cxr_automl.train.checkpoint import CheckpointError, set_rng_state
         if state.get("config_fingerprint") != config_fingerprint(self.cfg):
             raise CheckpointError(
                 f"checkpoint in {self.run_dir} was written by a different configuration "

@@ -1,0 +1,1 @@
+"""The ``cxr-automl`` command: ``app`` defines the commands; the other modules render what they print."""

@@ -1,0 +1,184 @@
+"""``cxr-automl search``: an Optuna study whose trials are training runs.
+
+Ask/tell loop until the study holds ``n_trials`` finished (complete or pruned) trials, so re-running
+the same command after an interruption finishes the rest and never overshoots. Each epoch's
+validation metric is reported to Optuna for pruning. What one trial does is in ``hpo.trial``; the
+samplers and pruners a study is created with are in ``hpo.pruners``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cxr_automl import config as config_mod
+from cxr_automl.hpo import storage as storage_mod
+from cxr_automl.hpo.pruners import make_pruner, make_sampler
+from cxr_automl.hpo.searchspace import SearchSpace, lookup
+from cxr_automl.hpo.trial import n_finished, run_trial
+from cxr_automl.train.callbacks import make_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchOptions:
+    space: SearchSpace
+    n_trials: int
+    storage: str
+    study_name: str
+    sampler: str = "tpe"
+    pruner: str = "median"
+    prune_warmup: int = 2
+    prune_lookahead: float = 0.0
+    seed: int = 0
+    overrides: tuple[str, ...] = ()
+    runs_root: Path = Path("runs")
+
+
+def enqueue_baselines(study: optuna.Study, opts: SearchOptions) -> None:
+    """Enqueue the search space's baselines once per study; params left out take the config default."""
+    if study.user_attrs.get("baselines_enqueued"):
+        return
+    base_cfg = config_mod.compose([*opts.space.overrides, *opts.overrides])
+    for name, fixed in opts.space.baselines.items():
+        params = {}
+        for key, dist in opts.space.params.items():
+            value = fixed.get(key, lookup(base_cfg, key))
+            if value is None or not _contains(dist, value):
+                log.warning("baseline %s: %s=%r is outside the search space; sampled instead", name, key, value)
+                continue
+            params[key] = value
+        study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+    study.set_user_attr("baselines_enqueued", True)
+
+
+def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str) -> optuna.Study:
+    """Create (or load) the study, record everything a worker needs in its user attrs (so
+    ``cxr-automl worker --study S --storage URL`` needs nothing else), enqueue the baselines.
+    Runs once, before any worker starts: concurrent first creation of an RDB schema races."""
+    config_mod.compose([*opts.space.overrides, *opts.overrides])  # fail fast on a bad override
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
+    study = storage_mod.retry(lambda: optuna.create_study(
+        storage=storage, study_name=opts.study_name, load_if_exists=True, direction=opts.space.direction,
+        sampler=make_sampler(opts.sampler, opts.seed),
+        pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)),
+        opts.storage)
+    for key, value in {"search_space": str(Path(opts.space.path).resolve()) if opts.space.path else None,
+                       "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,
+                       "pruner": opts.pruner, "prune_warmup": opts.prune_warmup,
+                       "prune_lookahead": opts.prune_lookahead, "seed": opts.seed, "overrides": list(opts.overrides),
+                       "runs_root": str(Path(opts.runs_root).resolve())}.items():
+        study.set_user_attr(key, value)
+    enqueue_baselines(study, opts)
+    return study
+
+
+def options_from_study(study_name: str, storage: optuna.storages.BaseStorage, spec: str,
+                       search_space: str | None = None, overrides: tuple[str, ...] = ()) -> SearchOptions:
+    """What ``create_study`` recorded, plus a worker's own extra overrides."""
+    from cxr_automl.hpo import searchspace
+    try:
+        attrs = storage_mod.retry(lambda: optuna.load_study(study_name=study_name, storage=storage), spec).user_attrs
+    except KeyError:
+        raise ValueError(f"no study {study_name!r} in {spec}; create it first with cxr-automl search "
+                         "(e.g. --launcher none)") from None
+    space_ref = search_space or attrs.get("search_space")
+    if not space_ref or "n_trials" not in attrs:
+        raise ValueError(f"study {study_name!r} in {spec} was not created by cxr-automl search; pass --search-space")
+    return SearchOptions(space=searchspace.load(space_ref), n_trials=int(attrs["n_trials"]), storage=spec,
+                         study_name=study_name, sampler=attrs.get("sampler", "tpe"),
+                         pruner=attrs.get("pruner", "median"), prune_warmup=int(attrs.get("prune_warmup", 2)),
+                         prune_lookahead=float(attrs.get("prune_lookahead", 0.0)), seed=int(attrs.get("seed", 0)),
+                         overrides=(*attrs.get("overrides", ()), *overrides),
+                         runs_root=Path(attrs.get("runs_root", "runs")))
+
+
+def search(opts: SearchOptions) -> optuna.Study:
+    """One process: create the study and run one worker until it holds ``opts.n_trials`` finished trials."""
+    storage = storage_mod.open_storage(opts.storage)
+    create_study(opts, storage)
+    return worker(opts, storage)
+
+
+def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int = 0,
+           poll_seconds: float = 5.0) -> optuna.Study:
+    """Ask the shared study for trials and run them until it holds its target number of finished
+    trials (``n_trials`` in the study's user attrs, re-read every round so several workers agree).
+
+    Exactly-once accounting with many workers: a worker only asks while finished + running trials are
+    below the target, and hands a trial back (FAIL "surplus", re-enqueued) when a concurrent ask beat
+    it to the last slot. Running trials beat a heartbeat; a dead worker's trial goes stale, is failed
+    and re-enqueued with its run dir (storage.requeue_stale_trial). A requeued SLURM task first takes
+    back the trial it was running (workers.adopt_own_trial), resuming its checkpoint.
+    """
+    from cxr_automl.hpo import workers
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # we run the heartbeat ourselves (workers.Heartbeat) around ask/tell, which Optuna warns about
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    study = storage_mod.retry(lambda: optuna.load_study(
+        study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
+        pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)), opts.storage)
+    me = workers.identity()
+    interval = getattr(storage, "get_heartbeat_interval", lambda: None)() or storage_mod.HEARTBEAT_INTERVAL
+    presence = workers.Presence(study, me, interval, getattr(storage, "grace_period", None) or storage_mod.GRACE_PERIOD)
+    presence("starting")
+    adopted = workers.adopt_own_trial(study, me)
+    failures_in_a_row = 0
+    with make_progress() as progress:
+        bar = progress.add_task(f"trials ({me})", total=opts.n_trials, completed=n_finished(study), info="")
+        while True:
+            trial = adopted
+            adopted = None
+            if trial is None:
+                opts.n_trials = int(storage_mod.retry(lambda: study.user_attrs, opts.storage).get("n_trials", opts.n_trials))
+                status = storage_mod.retry(lambda: workers.slots(study, opts.n_trials), opts.storage)
+                if status == "done":
+                    presence("exited")
+                    break
+                if failures_in_a_row >= max(3, opts.n_trials):
+                    progress.console.print("[red]too many failed trials in a row; stopping[/red]")
+                    presence("exited")
+                    break
+                if status == "full":  # the rest are running elsewhere; wait in case one dies
+                    presence("waiting: the remaining trials run elsewhere")
+                    time.sleep(poll_seconds)
+                    continue
+                trial = storage_mod.retry(lambda: study.ask(fixed_distributions=opts.space.params), opts.storage)
+                if not workers.claim(study, trial, opts.n_trials, me):
+                    continue
+            presence(f"trial {trial.number}")
+            with workers.Heartbeat(study, trial):
+                try:
+                    run_trial(study, trial, opts, progress)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    progress.console.print(f"[yellow]trial {trial.number} was declared stale and handed to "
+                                           "another worker; moving on[/yellow]")
+                    continue
+            state = study.get_trials(deepcopy=False)[trial.number].state
+            failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
+            best = _best_value(study)
+            progress.update(bar, total=opts.n_trials, completed=n_finished(study),
+                            info="" if best is None else f"best {opts.space.metric} {best:.4f}")
+    return study
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:
+        return None

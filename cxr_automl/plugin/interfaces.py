@@ -225,7 +225,9 @@ class Strategy(abc.ABC):
 
     def to_device(self, model: "nn.Module", device: torch.device) -> None:
         """Called once after ``setup``: put the model on the run's device. A strategy that keeps parts
-        of the model off the accelerator (e.g. inactive per-dataset heads) places them itself."""
+        of the model off the accelerator (e.g. inactive per-dataset heads) places them itself. Modules
+        the strategy holds as attributes (an EMA copy built in ``setup``) are already on the device:
+        the loop moves them just before this call."""
         model.to(device)
 
     @abc.abstractmethod

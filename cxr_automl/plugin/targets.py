@@ -49,8 +49,8 @@ def check_boxes(batch: dict[str, Any], num_classes: int) -> list[dict[str, torch
     for i, (boxes, labels) in enumerate(zip(batch["boxes"], batch["box_labels"])):
         name = ids[i] if i < len(ids) else str(i)
         # on the CPU: a few boxes per image; losses move what they need to their device
-        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
-        labels = torch.as_tensor(labels).long().cpu()
+        boxes = torch.as_tensor(boxes, dtype=torch.float32, device="cpu").reshape(-1, 4)
+        labels = torch.as_tensor(labels, device="cpu").long()
         if len(boxes) != len(labels):
             raise TargetError(f"image {name}: {len(boxes)} boxes but {len(labels)} box labels")
         if len(boxes):

@@ -32,6 +32,7 @@ from cxr_automl.train.runtime import (
     fit_threads_to_allocation,
     make_scheduler,
     maybe_compile,
+    move_held_modules,
     resolve_device,
     seed_everything,
 )
@@ -135,6 +136,8 @@ class Trainer:
         self.data = self.strategy.prepare_data(self.data)  # e.g. several datasets composed into one
         self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
         self.strategy.setup(self.model, self.data)
+        # modules the strategy holds beside the model (an EMA copy made in setup) follow it to the device
+        move_held_modules(self.strategy, self.device, self.tc.channels_last)
         self.strategy.to_device(self.model, self.device)  # default model.to(device); may keep parts off it
         if self.tc.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -105,6 +105,20 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def move_held_modules(owner: object, device: torch.device, channels_last: bool = False) -> None:
+    """Move every ``nn.Module`` that ``owner`` holds as an attribute to ``device`` (and channels-last).
+
+    A strategy's ``setup`` runs before the model is placed, so what it builds from the model there (an
+    EMA copy, a frozen reference) is on the CPU; the loop calls this before ``Strategy.to_device``,
+    which still has the last word on where things live.
+    """
+    for value in vars(owner).values():
+        if isinstance(value, nn.Module):
+            value.to(device)
+            if channels_last:
+                value.to(memory_format=torch.channels_last)
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "32":
         return contextlib.nullcontext()

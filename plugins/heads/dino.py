@@ -98,9 +98,8 @@ class DinoDetHead(Head):
              class_weights: torch.Tensor | None = None) -> torch.Tensor:
         h, w = batch["image"].shape[-2:]
         device = outputs["memory"][0].device
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         labels = [{"class_labels": t["labels"].to(device),
-                   "boxes": box_convert(t["boxes"] / scale, "xyxy", "cxcywh").to(device)}
+                   "boxes": box_convert(t["boxes"] / t["boxes"].new_tensor([w, h, w, h]), "xyxy", "cxcywh").to(device)}
                   for t in check_boxes(batch, self.num_classes)]
         with torch.autocast(device.type, enabled=False):  # Hungarian matching and focal loss in fp32
             out = self._decode({"memory": [m.float() for m in outputs["memory"]]}, labels)

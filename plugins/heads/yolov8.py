@@ -63,7 +63,8 @@ class YoloV8Head(Head):
         x = [f.contiguous() for f in feats.features[-self.levels:]]
         if self.proj is not None:
             x = [p(f) for p, f in zip(self.proj, x)]
-        stride = torch.tensor([feats.input_size[0] / f.shape[-2] for f in x])
+        # where ultralytics keeps it: a plain attribute (not a buffer), so on the CPU whatever the device
+        stride = self.detect.stride.new_tensor([feats.input_size[0] / f.shape[-2] for f in x])
         if not torch.equal(stride, self.detect.stride):
             self.detect.stride = stride
             self._criterion = None  # the loss captured the strides it was built with
@@ -79,9 +80,10 @@ class YoloV8Head(Head):
         crit.class_weights = None if class_weights is None else class_weights.to(crit.device).view(1, 1, -1)
         h, w = batch["image"].shape[-2:]
         targets = check_boxes(batch, self.num_classes)
-        boxes = torch.cat([t["boxes"] for t in targets]) / torch.tensor([w, h, w, h], dtype=torch.float32)
+        boxes = torch.cat([t["boxes"] for t in targets])  # on the CPU; ultralytics moves them to the device
+        boxes = boxes / boxes.new_tensor([w, h, w, h])
         xywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
-        yolo_batch = {"batch_idx": torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.float32)
+        yolo_batch = {"batch_idx": torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.float32, device="cpu")
                                               for i, t in enumerate(targets)]),
                       "cls": torch.cat([t["labels"] for t in targets]).float(), "bboxes": xywh}
         n = outputs["scores"].shape[0]

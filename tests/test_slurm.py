@@ -170,3 +170,70 @@ def test_preempted_or_requeued_worker_resumes_its_trial(slurm_cluster, in_tmp, h
     assert len(epochs) == 8
     logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
     assert re.search(r"resumed .*trial_0000 at epoch [1-7]", logs), logs[-3000:]
+
+
+def test_time_limit_comes_from_the_partition_when_not_given(slurm_cluster):
+    from cxr_automl.hpo.launch import FALLBACK_TIME, SlurmOptions, partition_time
+    assert partition_time("short") == ("00:01:00", "partition short's DefaultTime")
+    assert partition_time(None) is None  # the default partition (debug): MaxTime=UNLIMITED, no DefaultTime
+    assert SlurmOptions(partition="short").time_limit()[0] == "00:01:00"
+    assert SlurmOptions(partition="debug").time_limit()[0] == FALLBACK_TIME
+
+
+def _scontrol_job(task: str) -> tuple[str, int]:
+    info = subprocess.run(["scontrol", "show", "job", task], capture_output=True, text=True).stdout
+    state, restarts = re.search(r"JobState=(\S+)", info), re.search(r"Restarts=(\d+)", info)
+    return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else -1
+
+
+def test_more_than_three_time_limit_requeues_still_finish_the_exact_trial_count(slurm_cluster, in_tmp):
+    """With a limit of 10 minutes or less submitit counts every USR2 as the time-limit signal (it keeps
+    a limit's last 10 minutes as "timed out"); its 3-timeout cap was the bug. The requeues are forced by
+    sending that signal (what Slurm sends 120 s before the limit) as soon as an allocation has trained
+    one more epoch: four allocations of ~20 s instead of four of 10 minutes. (A 1-minute limit lets Slurm
+    send its own signal — "up to 60 s early" — while Python is still starting, which kills the task.)
+    Each requeued task is released from Slurm's ~120 s hold after 3.5 s."""
+    (in_tmp / "space.yaml").write_text(SPACE)
+    args = ["search", "-s", "space.yaml", "--study", "s", "-n", "2", "--launcher", "slurm", "--workers", "1",
+            "--storage", f"journal:{in_tmp / 'study.log'}", "--pruner", "none", "--slurm.partition", "debug",
+            "--slurm.cpus-per-task", "1", "--slurm.time", "10", "--heartbeat-interval", "1", "--grace-period", "120",
+            *SLOWER, "strategy.epochs=8"]
+    proc = subprocess.Popen([*CLI, *args], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    task = _wait(lambda: _running_trial_with_epochs(in_tmp, 1), "a trial with 1 epoch").user_attrs["worker"]
+    task = task.removeprefix("slurm:")
+
+    def epochs() -> int:
+        return sum(len(p.read_text().splitlines()) for p in (in_tmp / "runs/s").rglob("metrics.jsonl"))
+
+    restarts, seen, signalled, released, held, deadline = 0, 0, False, 0.0, False, time.time() + 600
+    while True:
+        assert time.time() < deadline, f"{restarts} requeues in 10 minutes"
+        assert restarts >= 4 or proc.poll() is None, f"only {restarts} requeues before the search ended"
+        state, now = _scontrol_job(task)
+        if restarts >= 4 and held and state not in ("PENDING", "COMPLETING"):
+            break  # the fourth requeue is running again (or has finished)
+        if now > restarts:  # requeued (by our signal or by Slurm's time limit)
+            restarts, seen, signalled, released, held = now, epochs(), False, time.time(), False
+        elif state == "PENDING" and time.time() - released > 3.5:
+            held = True
+            # out of Slurm's ~120 s hold; sooner than ~3 s after a requeue it answers "Job credential revoked",
+            # and while the old allocation is still COMPLETING the update does not stick: retry
+            subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=False,
+                           capture_output=True)
+            released = time.time()
+        elif state == "RUNNING" and not signalled and restarts < 4 and epochs() > seen:
+            subprocess.run(["scancel", "--signal=USR2", task], check=True)
+            signalled = True
+        time.sleep(0.3)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + err
+    assert "time limit 10 from --slurm.time" in out
+    study = _study(in_tmp / "study.log")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2  # nothing failed, nothing re-enqueued
+    for t in study.trials:
+        lines = (Path(t.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert [int(json.loads(line)["epoch"]) for line in lines] == list(range(8))
+    logs = "".join(p.read_text() for p in (in_tmp / "runs/s/slurm").rglob("*_log.err"))
+    assert len(re.findall(r"this job is timed-out", logs)) >= 4, logs[-3000:]
+    assert "timed-out too many times" not in logs

@@ -214,6 +214,23 @@ def test_slurm_options_become_sbatch_flags_of_one_array(tmp_path):
     assert ex._executor.parameters["array_parallelism"] == 4
 
 
+def test_without_slurm_time_a_task_gets_the_partitions_limit_or_a_day_and_many_requeues(tmp_path, monkeypatch):
+    from cxr_automl.hpo import launch
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "missing.conf"))  # scontrol cannot tell the partition
+    assert launch.partition_time(None) is None
+    ex, limit, source = launch.make_executor(launch.SlurmOptions(), 2, "s", tmp_path)
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    assert (limit, "#SBATCH --time=1440\n") == ("1-00:00:00", "#SBATCH --time=1440\n")
+    assert "#SBATCH --time=1440\n" in text and "#SBATCH --signal=USR2@120\n" in text and "partition sets none" in source
+    assert ex._executor.max_num_timeout == launch.MAX_REQUEUES >= 100  # submitit's own default is 3
+    ex, _, source = launch.make_executor(launch.SlurmOptions(time="1", max_requeues=7), 2, "s", tmp_path)
+    text = ex._executor._make_submission_file_text("cmd", "uid")
+    assert "#SBATCH --time=1\n" in text and "#SBATCH --signal=USR2@30\n" in text and source == "--slurm.time"
+    assert ex._executor.max_num_timeout == 7
+    with pytest.raises(ValueError, match="--slurm.max-requeues -1"):
+        launch.SlurmOptions(max_requeues=-1).executor_parameters(2, "s")
+
+
 def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_tmp):
     import submitit
 
@@ -247,3 +264,43 @@ def test_slurm_setup_lines_extra_sbatch_options_and_detach_errors(tmp_path, in_t
     proc = run_cli("search", "-s", "space.yaml", "--launcher", "none", "--slurm.mem", "4G", "--storage",
                    f"journal:{in_tmp / 'none.log'}", *TINY, cwd=in_tmp)
     assert "--slurm.* options do nothing with --launcher none" in proc.stderr
+
+
+def test_local_workers_each_get_their_own_gpu_and_share_of_the_cpus(tmp_path, monkeypatch):
+    """The real launcher and real worker processes; the one fake is the GPU count (no GPU on CI).
+    The study already holds its target, so each worker reports what it was given and exits."""
+    from cxr_automl.hpo import launch, placement, searchspace
+    from cxr_automl.hpo import search as search_mod
+    (tmp_path / "space.yaml").write_text(SPACE)
+    url = f"journal:{tmp_path / 'study.log'}"
+    opts = search_mod.SearchOptions(space=searchspace.load(str(tmp_path / "space.yaml")), n_trials=1, storage=url,
+                                    study_name="s", runs_root=tmp_path / "runs", overrides=tuple(TINY))
+    study = search_mod.create_study(opts, storage_mod.open_storage(url, workers=2))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    monkeypatch.setattr(placement, "gpu_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    launch.launch_local(launch.WorkerSpec(study="s", storage=url, poll_seconds=0.5), 2, tmp_path / "logs", 1)
+    given = []
+    for i in range(2):
+        log = (tmp_path / "logs" / f"worker-{i}.log").read_text()
+        m = re.search(rf"worker {i}: CUDA_VISIBLE_DEVICES=(\w+), (\d+) CPU\(s\) \[([\d, ]+)\]", log)
+        assert m, log
+        given.append((m.group(1), {int(c) for c in m.group(3).split(",")}))
+    assert [gpu for gpu, _ in given] == ["0", "1"]
+    mine = sorted(os.sched_getaffinity(0))
+    assert given[0][1].isdisjoint(given[1][1]) and given[0][1] | given[1][1] <= set(mine)
+    assert len(given[0][1]) == len(given[1][1]) == max(1, len(mine) // 2)
+
+
+def test_gpu_ids_follow_the_visible_devices_or_the_gpus_option(monkeypatch):
+    from cxr_automl.hpo import placement
+    monkeypatch.setattr(placement, "gpu_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # a worker's value must name the same physical GPU
+    assert placement.visible_gpus("auto") == ["5", "7"]
+    assert placement.visible_gpus("none") == [] and placement.visible_gpus("0, 2,3") == ["0", "2", "3"]
+    with pytest.raises(ValueError, match="--gpus 'cuda'"):
+        placement.visible_gpus("cuda")
+    envs = [placement.worker_env(i, 4, ["0", "1", "2", "3"], list(range(16))) for i in range(4)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "2", "3"] and {e["OMP_NUM_THREADS"] for e in envs} == {"4"}
+    assert [placement.worker_cpus(i, 4, list(range(16))) for i in (0, 3)] == [[0, 1, 2, 3], [12, 13, 14, 15]]
+    assert placement.worker_env(2, 3, ["0", "1"], [0])["CUDA_VISIBLE_DEVICES"] == "0"  # more workers: round robin

@@ -113,6 +113,10 @@ def search(ctx: typer.Context,
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
            workers: int = typer.Option(1, "--workers", "-w", help="Workers sharing the study."),
+           gpus: str = typer.Option("auto", "--gpus",
+                                    help="local workers: GPUs to spread them over, worker i on GPU i "
+                                         "(auto = every visible GPU | none | ids such as 0,1,2,3). Slurm tasks "
+                                         "use the GPUs Slurm gives them (--slurm.gpus-per-task)."),
            detach: bool = typer.Option(False, "--detach",
                                        help="slurm: submit the array job and return at once (log out; follow with "
                                             "cxr-automl status, see the result with cxr-automl summary)."),
@@ -123,7 +127,13 @@ def search(ctx: typer.Context,
            slurm_gpus_per_task: Optional[int] = typer.Option(None, "--slurm.gpus-per-task"),
            slurm_cpus_per_task: Optional[int] = typer.Option(None, "--slurm.cpus-per-task"),
            slurm_mem: Optional[str] = typer.Option(None, "--slurm.mem", help="e.g. 16G"),
-           slurm_time: Optional[str] = typer.Option(None, "--slurm.time", help="minutes or [D-]HH:MM:SS"),
+           slurm_time: Optional[str] = typer.Option(
+               None, "--slurm.time", help="Time limit per task: minutes or [D-]HH:MM:SS. Default: what the "
+                                          "partition gives (DefaultTime, else MaxTime), else 1 day. A task at "
+                                          "its limit checkpoints and is requeued."),
+           slurm_max_requeues: int = typer.Option(1000, "--slurm.max-requeues",
+                                                  help="Times one task may be requeued at its time limit "
+                                                       "(preemptions are not counted)."),
            slurm_account: Optional[str] = typer.Option(None, "--slurm.account"),
            slurm_qos: Optional[str] = typer.Option(None, "--slurm.qos"),
            slurm_constraint: Optional[str] = typer.Option(None, "--slurm.constraint"),
@@ -148,6 +158,9 @@ def search(ctx: typer.Context,
         runs_root = Path("runs")
         runs_root.mkdir(exist_ok=True)
         from cxr_automl.hpo import storage as storage_mod
+        if gpus not in ("auto", "none"):
+            from cxr_automl.hpo.placement import visible_gpus
+            visible_gpus(gpus)  # a bad --gpus fails before the study exists
         if launcher not in ("local", "slurm", "none") or workers < 1:
             raise ValueError(f"--launcher {launcher!r} --workers {workers}: use local|slurm|none and workers >= 1")
         if launcher == "slurm" and shutil.which("sbatch") is None:
@@ -168,7 +181,7 @@ def search(ctx: typer.Context,
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,
                              qos=slurm_qos, constraint=slurm_constraint, setup=tuple(slurm_setup or ()),
-                             extra=tuple(slurm_extra or ()))
+                             extra=tuple(slurm_extra or ()), max_requeues=slurm_max_requeues)
         slurm.executor_parameters(workers, opts.study_name)  # a bad --slurm.* value fails before the study exists
         if launcher != "slurm" and slurm != SlurmOptions():
             console.print(f"[yellow]warning:[/yellow] --slurm.* options do nothing with --launcher {launcher}")
@@ -180,7 +193,7 @@ def search(ctx: typer.Context,
         else:
             from cxr_automl.cli import study as launch_cli
             result = launch_cli.create_and_launch(opts, launcher, workers, heartbeat_interval, grace_period, slurm,
-                                                  wait=not detach)
+                                                  wait=not detach, gpus=gpus)
             if result is None:
                 return
     except (*_user_errors(), _storage_error(), RuntimeError, ValueError) as exc:

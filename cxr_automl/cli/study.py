@@ -21,7 +21,8 @@ from cxr_automl.hpo.summary import epochs_run, print_summary
 
 
 def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: int, heartbeat_interval: int,
-                      grace_period: int, slurm: launch.SlurmOptions, wait: bool = True) -> optuna.Study | None:
+                      grace_period: int, slurm: launch.SlurmOptions, wait: bool = True,
+                      gpus: str = "auto") -> optuna.Study | None:
     """Create the study and enqueue its baselines first (no worker races the schema or the queue),
     then start the workers and wait for them (``wait=False``: submit the SLURM array and return None).
     ``launcher='none'`` only creates the study."""
@@ -37,7 +38,7 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
             f"with: sbatch --array=0-{workers - 1} slurm/worker.sbatch {opts.study_name} {opts.storage}")
         return None
     if launcher == "local":
-        launch.launch_local(spec, workers, root / "workers", opts.n_trials)
+        launch.launch_local(spec, workers, root / "workers", opts.n_trials, gpus=gpus)
     else:
         jobs = launch.submit_slurm(spec, workers, slurm, root / "slurm")
         # status lists the array's tasks while they wait in the queue

@@ -6,6 +6,8 @@ The study (and its baselines) is created by the caller before any worker starts;
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -22,6 +24,7 @@ from typing import Any
 import optuna
 import submitit
 
+from cxr_automl.hpo import placement
 from cxr_automl.hpo import search as search_mod
 from cxr_automl.hpo import storage as storage_mod
 from cxr_automl.hpo import trial as trial_mod
@@ -46,6 +49,7 @@ def run_worker(spec: WorkerSpec, index: int, workers: int = 1) -> int:
     storage = storage_mod.open_storage(spec.storage, workers=workers, heartbeat_interval=spec.heartbeat_interval,
                                        grace_period=spec.grace_period, must_exist=True, wait=True)
     opts = search_mod.options_from_study(spec.study, storage, spec.storage, spec.search_space, spec.overrides)
+    print(f"worker {index}: {placement.describe()}", file=sys.stderr, flush=True)
     study = search_mod.worker(opts, storage, index=index, poll_seconds=spec.poll_seconds)
     return trial_mod.n_finished(study)
 
@@ -75,6 +79,40 @@ _OWN_FLAGS = {"partition": "--slurm.partition", "gpus-per-task": "--slurm.gpus-p
               **dict.fromkeys(("array", "output", "error", "open-mode", "signal", "job-name"), "submitit")}
 
 
+#: the time limit asked for when ``--slurm.time`` is not given and the partition names none (no DefaultTime
+#: and an UNLIMITED MaxTime) or ``scontrol`` cannot tell: one day; a task that reaches it is requeued
+FALLBACK_TIME = "1-00:00:00"
+#: how many times one task may be requeued after reaching its time limit (submitit's own default is 3;
+#: preemptions are not counted): enough for weeks of one-day allocations
+MAX_REQUEUES = 1000
+
+
+def partition_time(partition: str | None) -> tuple[str, str] | None:
+    """The time limit Slurm gives a job that asks for none in ``partition`` (None: the default
+    partition): its DefaultTime, else its MaxTime, as ``(limit, which)``; None when that is unlimited
+    or ``scontrol`` does not answer."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "partition", *([partition] if partition else [])],
+                             capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if partition is None and fields.get("Default") != "YES":
+            continue
+        for key in ("DefaultTime", "MaxTime"):
+            value = fields.get(key, "NONE")
+            if value == "NONE":  # no DefaultTime: MaxTime applies
+                continue
+            if value in ("UNLIMITED", "INFINITE"):
+                return None
+            with contextlib.suppress(ValueError):
+                parse_minutes(value)
+                return value, f"partition {fields.get('PartitionName', partition)}'s {key}"
+        return None
+    return None
+
+
 @dataclass
 class SlurmOptions:
     partition: str | None = None
@@ -87,12 +125,21 @@ class SlurmOptions:
     constraint: str | None = None
     setup: tuple[str, ...] = ()   # shell lines run in the job before the worker (module load, conda activate)
     extra: tuple[str, ...] = ()   # any other sbatch option: KEY=VALUE, or KEY alone for a flag
+    max_requeues: int = MAX_REQUEUES  # time-limit requeues per task (submitit's slurm_max_num_timeout)
+
+    def time_limit(self) -> tuple[str, str]:
+        """``(limit, where it comes from)``: ``--slurm.time``, else what the partition gives a job that
+        names none, else :data:`FALLBACK_TIME` (never submitit's 5-minute default)."""
+        if self.time is not None:
+            return self.time, "--slurm.time"
+        return partition_time(self.partition) or (FALLBACK_TIME, "cxr-automl's default (the partition sets none)")
 
     def executor_parameters(self, workers: int, name: str) -> dict[str, Any]:
         """submitit's parameters; a bad --slurm.time or --slurm.extra raises ValueError before anything
         is submitted."""
-        params: dict[str, Any] = {"slurm_array_parallelism": workers, "name": f"cxr-{name}",
-                                  "slurm_signal_delay_s": 120}
+        if self.max_requeues < 0:
+            raise ValueError(f"--slurm.max-requeues {self.max_requeues}: use 0 or more")
+        params: dict[str, Any] = {"slurm_array_parallelism": workers, "name": f"cxr-{name}"}
         for key, value in (("slurm_partition", self.partition), ("slurm_gpus_per_task", self.gpus_per_task),
                            ("slurm_cpus_per_task", self.cpus_per_task), ("slurm_mem", self.mem),
                            ("slurm_account", self.account), ("slurm_qos", self.qos),
@@ -101,6 +148,8 @@ class SlurmOptions:
                 params[key] = value
         if self.time is not None:
             params["timeout_min"] = parse_minutes(self.time)
+        # USR2 (checkpoint and requeue) 2 minutes before the limit; half the limit for limits under 4 minutes
+        params["slurm_signal_delay_s"] = min(120, 30 * params.get("timeout_min", 4))
         if self.setup:
             params["slurm_setup"] = list(self.setup)
         if self.extra:
@@ -152,9 +201,15 @@ def _watch(study_name: str, storage_spec: str, target: int, alive) -> None:
             time.sleep(2)
 
 
-def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> None:
-    """N ``cxr-automl worker`` processes; their output goes to ``log_dir/worker-I.log``."""
+def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int, gpus: str = "auto") -> None:
+    """N ``cxr-automl worker`` processes; their output goes to ``log_dir/worker-I.log``. With GPUs
+    (``gpus``: auto | none | ids, see ``placement.visible_gpus``) worker i gets GPU i as its only
+    visible device and a disjoint share of this process's CPUs (its affinity, which its DataLoader
+    workers inherit and ``trainer.num_workers=auto`` counts)."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    gpu_ids, cpus = placement.visible_gpus(gpus), placement.available_cpus()
+    if 1 < len(gpu_ids) < workers or (len(gpu_ids) == 1 and workers > 1):
+        print(f"warning: {workers} workers on {len(gpu_ids)} GPU(s): some share a GPU", file=sys.stderr, flush=True)
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "cxr_automl.cli", "worker", "--study", spec.study, "--storage", spec.storage,
@@ -165,10 +220,13 @@ def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> 
             cmd += ["--search-space", spec.search_space]
         out = open(log_dir / f"worker-{i}.log", "w")
         # N workers on one machine share its cores: without a limit each would start one intra-op
-        # thread per core and they would only slow each other down
-        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
-        procs.append((subprocess.Popen([*cmd, *spec.overrides], stdout=out, stderr=subprocess.STDOUT,
-                                       env={**threads, **os.environ, **spec.env}), out))
+        # thread per core and they would only slow each other down (an OMP_NUM_THREADS already set wins)
+        env = placement.worker_env(i, workers, gpu_ids, cpus)
+        env = {"OMP_NUM_THREADS": env.pop("OMP_NUM_THREADS"), **os.environ, **env, **spec.env}
+        share = placement.worker_cpus(i, workers, cpus)
+        pin = (lambda share=share: os.sched_setaffinity(0, share)) if gpu_ids and hasattr(os, "sched_setaffinity") else None
+        procs.append((subprocess.Popen([*cmd, *spec.overrides], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=pin), out))
     try:
         _watch(spec.study, spec.storage, target, lambda: any(p.poll() is None for p, _ in procs))
     except KeyboardInterrupt:
@@ -192,12 +250,20 @@ def launch_local(spec: WorkerSpec, workers: int, log_dir: Path, target: int) -> 
                                                       for i, rc in bad), spec, target)
 
 
+def make_executor(slurm: SlurmOptions, workers: int, name: str, folder: Path) -> tuple[submitit.AutoExecutor, str, str]:
+    """submitit's executor for the array, with its time limit and where that came from."""
+    limit, source = slurm.time_limit()
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=slurm.max_requeues)
+    executor.update_parameters(**dataclasses.replace(slurm, time=limit).executor_parameters(workers, name))
+    return executor, limit, source
+
+
 def submit_slurm(spec: WorkerSpec, workers: int, slurm: SlurmOptions, folder: Path) -> list[submitit.Job]:
     """ONE array job of ``workers`` tasks, all running at once (array parallelism = workers)."""
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    executor.update_parameters(**slurm.executor_parameters(workers, spec.study))
+    executor, limit, source = make_executor(slurm, workers, spec.study, folder)
     jobs = executor.map_array(SlurmWorker(), [spec] * workers, list(range(workers)))
-    print(f"submitted SLURM array job {array_id(jobs)} ({workers} tasks); logs in {folder}; "
+    print(f"submitted SLURM array job {array_id(jobs)} ({workers} tasks, time limit {limit} from {source}; "
+          f"requeued at the limit up to {slurm.max_requeues} times); logs in {folder}; "
           f"watch with: cxr-automl status --study {spec.study} --storage {spec.storage}", flush=True)
     return jobs
 

@@ -153,6 +153,7 @@ class Trainer:
         self.evaluated: nn.Module | None = None  # eval_model's module of the last epoch run
         self._epoch_first_step, self._epoch_steps = 0, self.steps_per_epoch  # set by each train_epoch
         self._train_loader: DataLoader | None = None
+        self._val_loader: DataLoader | None = None
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
@@ -258,7 +259,7 @@ class Trainer:
         dataset = getattr(self.data, split)
         if parts is None:  # the model's head on the whole split
             evaluator = make_evaluator(model.head.task, self.data)
-            self._run_evaluation(dataset, evaluator, self._head_predict, model)
+            self._run_evaluation(dataset, evaluator, self._head_predict, model, loader=self._split_loader(split))
             metrics = evaluator.compute(split)
         else:  # the strategy's parts, e.g. every (dataset, task) of a multi-task model
             metrics, done = {}, []
@@ -280,9 +281,20 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=False):  # predict outside autocast
             return predict(model.head, out, batch)
 
+    def _split_loader(self, split: str) -> DataLoader:
+        """A whole split's loader; the validation one is kept with persistent workers (it runs every
+        epoch: no worker start-up per validation on a GPU node)."""
+        if split != "val" or self.tc.loader_kwargs()["num_workers"] == 0:
+            return self.train_step.loader(getattr(self.data, split), self.tc.eval_batch_size, shuffle=False)
+        if self._val_loader is None:
+            self._val_loader = self.train_step.loader(self.data.val, self.tc.eval_batch_size, shuffle=False,
+                                                      persistent_workers=True)
+        return self._val_loader
+
     def _run_evaluation(self, dataset: torch.utils.data.Dataset, evaluator: Evaluator, predict: Any,
-                        model: nn.Module, label_columns: Sequence[int] | None = None) -> None:
-        loader = self.train_step.loader(dataset, self.tc.eval_batch_size, shuffle=False)
+                        model: nn.Module, label_columns: Sequence[int] | None = None,
+                        loader: DataLoader | None = None) -> None:
+        loader = loader or self.train_step.loader(dataset, self.tc.eval_batch_size, shuffle=False)
         for batch in loader:
             images = batch["image"].to(self.device)
             if label_columns is not None:

@@ -69,15 +69,17 @@ class TrainerConfig:
         return tc
 
     def workers(self) -> int:
-        """``auto``: under SLURM, the task's CPUs minus one (capped at 8); on a GPU node without SLURM,
-        the machine's CPUs minus one; on a CPU-only run 0 (worker processes only compete with the model)."""
+        """``auto``: under SLURM, the task's CPUs minus one (capped at 8); on a GPU without SLURM, the
+        CPUs this process may use (its affinity: a local worker's share) minus one; on a CPU-only run 0
+        (worker processes only compete with the model)."""
         if self.num_workers != "auto":
             return int(self.num_workers)
         slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if slurm_cpus:
             return max(0, min(8, int(slurm_cpus) - 1))
         if self.device != "cpu" and torch.cuda.is_available():
-            return max(0, min(8, (os.cpu_count() or 1) - 1))
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return max(0, min(8, cpus - 1))
         return 0
 
     def loader_kwargs(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 SQL
 
-# 5. Slurm configuration (one node = this host, one partition "debug")
+# 5. Slurm configuration (one node = this host; partition "debug", and "short" with a 1-minute default limit)
 mkdir -p /etc/slurm
 MEM=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
 cat > /etc/slurm/slurm.conf <<CONF
@@ -88,6 +88,7 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=$HOST DefaultTime=00:01:00 MaxTime=00:02:00 State=UP
 CONF
 cat > /etc/slurm/slurmdbd.conf <<CONF
 AuthType=auth/munge

@@ -82,3 +82,26 @@ def test_model_features_are_the_one_path_to_the_backbone(data):
             feats = model.features(x)
             assert feats.input_size == ((spec.size,) * 2 if spec.fixed_size else (32, 32))
             torch.testing.assert_close(model(x), model.head(feats))
+
+
+def test_a_protocol_hook_without_its_protocol_is_reported():
+    from cxr_automl.plugin.strategy import CORE_HOOKS, PROTOCOLS, Pretraining, Strategy, undeclared_hooks
+
+    class Forgetful(Strategy):
+        def param_groups(self, model):
+            return []
+
+        def plan(self, epoch, model):
+            raise NotImplementedError
+
+        def export(self, model, run_dir):  # never called: Pretraining is not declared
+            pass
+
+    class Declared(Forgetful, Pretraining):
+        pass
+
+    assert undeclared_hooks(Forgetful()) == ["export (declare Pretraining)"]
+    assert undeclared_hooks(Declared()) == []
+    # the core stays small: eight concepts (state_dict/load_state_dict are one), the rest opt-in
+    assert len(CORE_HOOKS) - 1 <= 8 and not set(CORE_HOOKS) & {h for hs in PROTOCOLS.values() for h in hs}
+    assert Strategy.__abstractmethods__ == {"param_groups", "plan"}

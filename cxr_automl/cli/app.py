@@ -234,14 +234,15 @@ def plan(ctx: typer.Context,
     """
     from cxr_automl.cli import plan as plan_mod
     try:
-        name, rows = plan_mod.schedule_rows(ctx.args)
+        _, strategy = plan_mod.build(ctx.args)
+        rows = plan_mod.rows_of(strategy)
     except (*_user_errors(), plan_mod.PlanError) as exc:
         raise _fail(str(exc))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     # not a terminal (a pipe, a log): wide enough that the table never wraps
-    Console(width=None if sys.stdout.isatty() else 200).print(plan_mod.render(name, rows))
+    Console(width=None if sys.stdout.isatty() else 200).print(strategy.render_schedule(rows))
 
 
 def _storage_error() -> type[BaseException]:

@@ -32,6 +32,7 @@ from cxr_automl.config import ConfigError
 from cxr_automl.errors import UserError
 from cxr_automl.plugin import registry
 from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
+from cxr_automl.plugin.strategy import CustomStep, MultiTask, PlannedSchedule
 from cxr_automl_plugins.datasets.multi import compose, select_structure
 from cxr_automl_plugins.strategies.foundation_parts import Placement, build_heads, class_names, component, resident
 from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
@@ -156,7 +157,7 @@ EVAL_TASK = {"cls": "classification", "loc": "detection", "seg": "segmentation"}
 OBJECTIVES = ("mean", "min")
 
 
-class LockRelease(Strategy):
+class LockRelease(Strategy, CustomStep, MultiTask, PlannedSchedule):
     """Follows ``schedule`` epoch by epoch over classification, localization and segmentation."""
 
     head_is_template = True  # the configured head is each dataset's classification head, resized
@@ -177,6 +178,10 @@ class LockRelease(Strategy):
 
     def schedule(self) -> list[ScheduleRow]:
         return list(self.rows)
+
+    def render_schedule(self, rows: list[dict[str, Any]]) -> Any:
+        from cxr_automl_plugins.strategies.lock_release_plan import render
+        return render(rows)
 
     # ------------------------------------------------------------------------------------------ build
     def prepare_data(self, data: DatasetBundle) -> DatasetBundle:

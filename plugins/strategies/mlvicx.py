@@ -25,6 +25,7 @@ from timm.optim import Lars
 from torch import nn
 
 from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.plugin.strategy import CustomStep, Pretraining
 from cxr_automl.train.step import TrainStep
 from cxr_automl_plugins.strategies.downstream import Downstream
 from cxr_automl_plugins.strategies.mlvicx_parts import INVARIANCE, MLVICXParts, TwoViews, aggregate, vicreg
@@ -38,7 +39,7 @@ def encoder_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True) for key, value in backbone.state_dict().items()}
 
 
-class MLVICX(Strategy):
+class MLVICX(Strategy, CustomStep, Pretraining):  # two views + LARS; exports its encoder
     def __init__(self, epochs: int, lr: float, weight_decay: float, momentum: float, trust_coeff: float,
                  lambda_l: float, alpha: float, beta: float, gamma: float, std_target: float, eps: float,
                  invariance: str, loss_terms: str, num_levels: int, expander_dim: int, local_grid: int,

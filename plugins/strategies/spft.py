@@ -15,6 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy
+from cxr_automl.plugin.strategy import CustomStep
 from cxr_automl.train.evaluators import primary_metric
 from cxr_automl.train.step import TrainStep
 
@@ -45,7 +46,7 @@ def refine_class_weights(weights: torch.Tensor, class_aucs: list[float | None], 
     return w / w.mean()
 
 
-class StagedFinetune(Strategy):
+class StagedFinetune(Strategy, CustomStep):  # CustomStep: after_step updates the EMA
     """One class for SPFT and its ablations; ``spft`` and ``finetune`` are its two factories."""
 
     def __init__(self, epochs: int, head_epochs: int, unfreeze_k: int, unfreeze_ramp: int,

@@ -47,6 +47,12 @@ class TestHeads(HeadContract):
         return example_batch(head.task)
 
 
+@pytest.mark.parametrize("name", _built_in("head"))
+def test_head_factories_declare_the_spec_of_what_they_build(name):
+    head = registry.build("head", name, supplied={"in_dim": 32, "in_channels": (8, 16, 32), "num_classes": 3})
+    assert registry.load("head", name).head_spec is head.spec  # compat reads the factory's, the loop the head's
+
+
 class TestStrategies(StrategyContract):
     @pytest.fixture(params=_built_in("strategy"))
     def strategy(self, request):

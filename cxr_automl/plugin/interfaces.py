@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -96,20 +96,49 @@ class Backbone(nn.Module, abc.ABC):
 
 
 # ----------------------------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head does and needs, as data (read before anything is built, as timm's ``pretrained_cfg``).
+
+    A head class sets it as ``spec`` and its factory declares the same object with ``@declare_head``,
+    so ``compat`` checks a backbone × head × dataset combination from the configuration alone.
+    """
+
+    #: which evaluator applies (``cxr_automl.train.evaluators``): classification | segmentation | detection
+    task: str = "classification"
+    #: multi-scale maps the head needs from the backbone: a number, or a function of the head's config (its
+    #: factory's keyword arguments, defaults filled in), e.g. ``lambda cfg: cfg["levels"]``; 0 = pooled only
+    feature_maps: int | Callable[[dict[str, Any]], int] = 0
+    #: ``predict(outputs, batch)``: the head builds its prompts from the batch (e.g. boxes from the masks)
+    predict_needs_batch: bool = False
+
+    def maps_needed(self, head_cfg: dict[str, Any]) -> int:
+        """How many maps a head built from ``head_cfg`` (defaults filled in) needs."""
+        return int(self.feature_maps(head_cfg) if callable(self.feature_maps) else self.feature_maps)
+
+
+def declare_head(spec: HeadSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a head factory: states the ``HeadSpec`` of the heads it builds (``factory.head_spec``)."""
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.head_spec = spec  # type: ignore[attr-defined]
+        return factory
+    return mark
+
+
 class Head(nn.Module, abc.ABC):
     """Maps backbone outputs to task outputs and owns the task loss.
 
     Built by the core after the backbone and dataset, so its factory receives ``in_dim`` /
-    ``in_channels`` and ``num_classes`` from them (the user never writes those).
+    ``in_channels`` and ``num_classes`` from them (the user never writes those). What it does and needs
+    is its class's ``spec`` (``HeadSpec``).
     """
 
-    #: which evaluator applies (``cxr_automl.train.evaluators``): "classification", "segmentation", "detection"
-    task: str = "classification"
-    #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
-    min_feature_maps: int = 0
-    #: True for heads prompted from the batch (e.g. box prompts taken from the masks): ``predict`` then also
-    #: receives the batch — call it through ``interfaces.predict`` so both kinds get what they need
-    prompted: bool = False
+    spec: ClassVar[HeadSpec] = HeadSpec()
+
+    @property
+    def task(self) -> str:
+        """``spec.task``: which evaluator scores this head."""
+        return self.spec.task
 
     @abc.abstractmethod
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
@@ -124,14 +153,15 @@ class Head(nn.Module, abc.ABC):
     def predict(self, outputs: torch.Tensor) -> Any:
         """What the task's evaluator scores, called on evaluation batches: class probabilities (N, C);
         mask probabilities (N, C, h, w) at any resolution; or per image a dict of ``boxes`` (K, 4) xyxy
-        normalised to [0, 1], ``scores`` and ``labels``. A ``prompted`` head's ``predict`` takes a second
-        argument, the batch (on the CPU), from which it builds its prompts."""
+        normalised to [0, 1], ``scores`` and ``labels``. With ``spec.predict_needs_batch`` it takes a
+        second argument, the batch (on the CPU), from which it builds its prompts."""
         return torch.sigmoid(outputs.float())
 
 
 def predict(head: Head, outputs: Any, batch: dict[str, Any]) -> Any:
-    """``head.predict`` as every evaluation calls it: with the batch for a ``prompted`` head."""
-    return head.predict(outputs, batch) if getattr(head, "prompted", False) else head.predict(outputs)
+    """``head.predict`` as every evaluation calls it: with the batch where the head's spec asks for it."""
+    spec = getattr(head, "spec", None)
+    return head.predict(outputs, batch) if getattr(spec, "predict_needs_batch", False) else head.predict(outputs)
 
 
 # ----------------------------------------------------------------------------------------------- datasets

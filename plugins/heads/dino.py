@@ -23,7 +23,7 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetCon
 from transformers.models.rt_detr.modeling_rt_detr import RTDetrHybridEncoder
 
 from cxr_automl.config import ConfigError
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
 from cxr_automl.plugin.targets import check_boxes
 
 
@@ -60,8 +60,7 @@ class _TileableEmbedding(nn.Embedding):
 
 
 class DinoDetHead(Head):
-    task = "detection"
-    min_feature_maps = 1  # and at least `levels` (checked from the config)
+    spec = HeadSpec(task="detection", feature_maps=lambda cfg: max(1, int(cfg["levels"])))  # the last `levels`
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, levels: int, cfg: RTDetrConfig,
                  max_det: int):
@@ -121,6 +120,7 @@ class DinoDetHead(Head):
         return [{"boxes": boxes[i, query[i]], "scores": top[i], "labels": label[i]} for i in range(len(top))]
 
 
+@declare_head(DinoDetHead.spec)
 def dino(in_channels: tuple[int, ...], num_classes: int, levels: int = 3, hidden: int = 128,
          encoder_ffn: int = 512, decoder_layers: int = 3, decoder_ffn: int = 512, heads: int = 8,
          num_queries: int = 100, num_denoising: int = 50, decoder_points: int = 4, max_det: int = 100

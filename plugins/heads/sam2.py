@@ -46,7 +46,7 @@ from torchvision.ops import sigmoid_focal_loss
 from transformers import Sam2MaskDecoderConfig, Sam2PromptEncoderConfig
 from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder, Sam2PromptEncoder
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
 from cxr_automl.plugin.targets import check_masks
 from cxr_automl.plugin.weights import WeightsError
 
@@ -75,15 +75,9 @@ class Sam2SegHead(Head):
     """Backbone maps → projected SAM2 image features (``forward``); box prompts from the batch → masks
     (``loss`` and ``predict``, the only places that see the batch)."""
 
-    task = "segmentation"
-    min_feature_maps = 3
-    #: ``predict`` needs the batch: the box prompts come from it (see ``cxr_automl.plugin.interfaces.predict``)
-    prompted = True
-
-    @staticmethod
-    def feature_maps_needed(head_cfg: dict[str, Any]) -> int:
-        """Maps the backbone must give for this config (read by ``cxr_automl.plugin.compat`` at compose time)."""
-        return int(head_cfg.get("embed_level", DEFAULT_EMBED_LEVEL)) + 1
+    #: maps 0..embed_level (at least 3); ``predict`` needs the batch: the box prompts come from it
+    spec = HeadSpec(task="segmentation", feature_maps=lambda cfg: max(3, int(cfg["embed_level"]) + 1),
+                    predict_needs_batch=True)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, embed_level: int, hidden: int,
                  decoder_layers: int, heads: int, mlp_dim: int, prompt: str, box_jitter: float,
@@ -204,6 +198,7 @@ def embed_level_sizes(maps: list[torch.Tensor]) -> str:
     return "x".join(str(tuple(m.shape[-2:])) for m in maps)
 
 
+@declare_head(Sam2SegHead.spec)
 def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = DEFAULT_EMBED_LEVEL, hidden: int = 256,
          decoder_layers: int = 2, heads: int = 8, mlp_dim: int = 2048, prompt: str = "mask_box",
          box_jitter: float = 0.1, focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0,

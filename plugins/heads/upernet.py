@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
 from cxr_automl.plugin.targets import check_masks
 
 
@@ -42,8 +42,7 @@ def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes
 class UperNetSegHead(Head):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
-    task = "segmentation"
-    min_feature_maps = 2
+    spec = HeadSpec(task="segmentation", feature_maps=2)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, hidden: int, pool_scales: tuple[int, ...],
                  dice_weight: float, bce_weight: float):
@@ -65,6 +64,7 @@ class UperNetSegHead(Head):
         return torch.sigmoid(outputs.float())
 
 
+@declare_head(UperNetSegHead.spec)
 def upernet(in_channels: tuple[int, ...], num_classes: int, hidden: int = 128,
             pool_scales: tuple[int, ...] = (1, 2, 3, 6), dice_weight: float = 1.0,
             bce_weight: float = 1.0) -> UperNetSegHead:

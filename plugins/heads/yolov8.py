@@ -24,7 +24,7 @@ from ultralytics.nn.modules import Conv, Detect  # noqa: E402
 from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
 from ultralytics.utils.nms import non_max_suppression  # noqa: E402
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head  # noqa: E402
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head  # noqa: E402
 from cxr_automl.plugin.targets import check_boxes  # noqa: E402
 
 
@@ -32,8 +32,7 @@ class YoloV8Head(Head):
     """``model`` is a ``ModuleList`` ending in ``Detect`` — ultralytics' own layout, which is what its
     loss reads (``model.model[-1]``, ``model.args``), so the loss is used unchanged."""
 
-    task = "detection"
-    min_feature_maps = 1  # and at least `levels` (checked from the config)
+    spec = HeadSpec(task="detection", feature_maps=lambda cfg: max(1, int(cfg["levels"])))  # the last `levels`
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, levels: int, width: int | None,
                  reg_max: int, box: float, cls: float, dfl: float, conf: float, iou: float, max_det: int):
@@ -105,6 +104,7 @@ class YoloV8Head(Head):
                 for k in kept]
 
 
+@declare_head(YoloV8Head.spec)
 def yolov8(in_channels: tuple[int, ...], num_classes: int, levels: int = 3, width: int | None = 128,
            reg_max: int = 16, box: float = 7.5, cls: float = 0.5, dfl: float = 1.5, conf: float = 0.001,
            iou: float = 0.7, max_det: int = 100) -> YoloV8Head:

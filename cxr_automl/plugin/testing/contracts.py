@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, predict
+from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, HeadSpec, predict
 from cxr_automl.plugin.strategy import (
     PROTOCOLS,
     CustomStep,
@@ -93,6 +93,13 @@ class HeadContract:
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
         assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
+
+    def test_spec_is_data(self, head: Head) -> None:
+        spec = head.spec
+        assert isinstance(spec, HeadSpec) and head.task == spec.task
+        assert spec.task in ("classification", "detection", "segmentation")
+        if not callable(spec.feature_maps):
+            assert spec.feature_maps >= 0
 
     def test_predict_is_probability(self, head: Head, batch: dict) -> None:
         head.eval()

@@ -53,6 +53,13 @@ def test_head_factories_declare_the_spec_of_what_they_build(name):
     assert registry.load("head", name).head_spec is head.spec  # compat reads the factory's, the loop the head's
 
 
+def test_the_multi_dataset_heads_split():
+    from cxr_automl.plugin.interfaces import SplittableHead
+    assert {n for n in _built_in("head") if isinstance(registry.build(
+        "head", n, supplied={"in_dim": 32, "in_channels": (8, 16, 32), "num_classes": 3}), SplittableHead)} \
+        >= {"dino", "upernet"}
+
+
 class TestStrategies(StrategyContract):
     @pytest.fixture(params=_built_in("strategy"))
     def strategy(self, request):

@@ -158,6 +158,41 @@ class Head(nn.Module, abc.ABC):
         return torch.sigmoid(outputs.float())
 
 
+@dataclass
+class HeadParts:
+    """A head cut in two (``SplittableHead.split``): ``shared(maps)`` turns the backbone's maps into an
+    intermediate (a tensor or a list of tensors) several datasets can share; ``own(intermediate)`` gives
+    the outputs its ``loss(outputs, batch)`` and ``predict(outputs)`` take, one per dataset."""
+
+    shared: nn.Module
+    own: nn.Module
+    #: how many of the backbone's last maps ``shared`` reads, made contiguous (None: all of them)
+    levels: int | None = None
+
+    def maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
+        """The backbone maps ``shared`` reads."""
+        return last_maps(feats, self.levels)
+
+
+def last_maps(feats: BackboneOutput, levels: int | None) -> list[torch.Tensor]:
+    """The backbone's last ``levels`` maps (None: all), contiguous (timm's NCHW maps may be permuted views)."""
+    return [m.contiguous() for m in (feats.features if levels is None else feats.features[-levels:])]
+
+
+class SplittableHead(abc.ABC):
+    """Opt-in for a head whose network splits into a part shared across datasets and a part each
+    dataset owns (a multi-dataset strategy shares one encoder/decoder and keeps one classifier per dataset)."""
+
+    @abc.abstractmethod
+    def split(self) -> HeadParts:
+        """Called by a multi-dataset strategy once on each freshly built head, before training.
+
+        Returns:
+            The head's two parts; ``shared(parts.maps(feats))`` then ``own(...)`` computes what the head's
+            ``forward`` computes. The head is not used afterwards (it may give its modules away).
+        """
+
+
 def predict(head: Head, outputs: Any, batch: dict[str, Any]) -> Any:
     """``head.predict`` as every evaluation calls it: with the batch where the head's spec asks for it."""
     spec = getattr(head, "spec", None)

@@ -5,10 +5,11 @@ groups during training and *mixed query selection* (anchors chosen top-k from th
 content queries learned) — is what transformers' ``RTDetrForObjectDetection`` implements
 (``learn_initial_query=True`` gives the mixed selection). Nothing here re-implements attention.
 
-The head is split as Foundation X needs it: ``encoder`` (the *localization encoder*: projections of our
-maps + RT-DETR's hybrid encoder) can be shared, ``decoder`` (query selection, deformable decoder, class
-and box heads, Hungarian-matched loss) is one per dataset. ``forward`` runs the encoder; the decoder
-runs in ``loss`` (it needs the targets for the denoising queries) and in ``predict``.
+The head splits (``SplittableHead``) as a multi-dataset strategy needs it: ``encoder`` (the *localization
+encoder*: projections of our maps + RT-DETR's hybrid encoder) can be shared, ``DinoDecoder`` (query
+selection, deformable decoder, class and box heads, Hungarian-matched loss) is one per dataset.
+``forward`` runs the encoder; the decoder runs in ``loss`` (it needs the targets for the denoising
+queries) and in ``predict``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetCon
 from transformers.models.rt_detr.modeling_rt_detr import RTDetrHybridEncoder
 
 from cxr_automl.config import ConfigError
-from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
 from cxr_automl.plugin.targets import check_boxes
 
 
@@ -59,34 +60,17 @@ class _TileableEmbedding(nn.Embedding):
         return self.weight.tile(dims)
 
 
-class DinoDetHead(Head):
-    spec = HeadSpec(task="detection", feature_maps=lambda cfg: max(1, int(cfg["levels"])))  # the last `levels`
+class DinoDecoder(nn.Module):
+    """The per-dataset part: RT-DETR's query selection, deformable decoder, class and box heads and
+    Hungarian-matched loss, over the encoder's memory. ``forward`` only packs the memory: the decoder
+    runs in ``loss`` (it needs the targets for the denoising queries) and in ``predict``."""
 
-    def __init__(self, in_channels: tuple[int, ...], num_classes: int, levels: int, cfg: RTDetrConfig,
-                 max_det: int):
+    def __init__(self, decoder: RTDetrForObjectDetection, num_classes: int, max_det: int):
         super().__init__()
-        if not 1 <= levels <= len(in_channels):
-            raise ValueError(f"levels={levels} but the backbone gives {len(in_channels)} feature maps")
-        self.levels, self.num_classes, self.max_det = levels, num_classes, max_det
-        self.encoder = LocalizationEncoder(cfg, tuple(in_channels[-levels:]))
-        det = RTDetrForObjectDetection(cfg)
-        # our backbone and our encoder replace RT-DETR's own: drop them so no dead weights are trained/saved
-        det.model.backbone = None
-        det.model.encoder_input_proj = None
-        det.model.encoder = None
-        old = det.model.weight_embedding
-        det.model.weight_embedding = _TileableEmbedding(old.num_embeddings, old.embedding_dim,
-                                                        _weight=old.weight.data.clone())
-        self.decoder = det
+        self.decoder, self.num_classes, self.max_det = decoder, num_classes, max_det
 
-    def forward(self, feats: BackboneOutput) -> dict[str, Any]:
-        maps = feats.features[-self.levels:]
-        positions = sum(m.shape[-2] * m.shape[-1] for m in maps)
-        if positions < self.decoder.config.num_queries:  # queries are chosen top-k among the positions
-            raise ConfigError(f"head.num_queries={self.decoder.config.num_queries} exceeds the {positions} "
-                              "positions of the backbone's maps at this input size; lower head.num_queries "
-                              "or raise the image size")
-        return {"memory": self.encoder(maps)}
+    def forward(self, memory: list[torch.Tensor]) -> dict[str, Any]:
+        return {"memory": memory}
 
     def _decode(self, outputs: dict[str, Any], labels: list[dict[str, torch.Tensor]] | None):
         memory = outputs["memory"]
@@ -118,6 +102,43 @@ class DinoDetHead(Head):
         boxes = box_convert(out.pred_boxes, "cxcywh", "xyxy").clamp(0, 1)
         query, label = index // self.num_classes, index % self.num_classes
         return [{"boxes": boxes[i, query[i]], "scores": top[i], "labels": label[i]} for i in range(len(top))]
+
+
+class DinoDetHead(DinoDecoder, Head, SplittableHead):
+    """``encoder`` (shareable) on the backbone's last ``levels`` maps, then the decoder part."""
+
+    spec = HeadSpec(task="detection", feature_maps=lambda cfg: max(1, int(cfg["levels"])))  # the last `levels`
+
+    def __init__(self, in_channels: tuple[int, ...], num_classes: int, levels: int, cfg: RTDetrConfig,
+                 max_det: int):
+        if not 1 <= levels <= len(in_channels):
+            raise ValueError(f"levels={levels} but the backbone gives {len(in_channels)} feature maps")
+        nn.Module.__init__(self)  # encoder first, then the decoder: registration and initialisation order
+        self.levels, self.num_classes, self.max_det = levels, num_classes, max_det
+        self.encoder = LocalizationEncoder(cfg, tuple(in_channels[-levels:]))
+        det = RTDetrForObjectDetection(cfg)
+        # our backbone and our encoder replace RT-DETR's own: drop them so no dead weights are trained/saved
+        det.model.backbone = None
+        det.model.encoder_input_proj = None
+        det.model.encoder = None
+        old = det.model.weight_embedding
+        det.model.weight_embedding = _TileableEmbedding(old.num_embeddings, old.embedding_dim,
+                                                        _weight=old.weight.data.clone())
+        self.decoder = det
+
+    def forward(self, feats: BackboneOutput) -> dict[str, Any]:
+        maps = feats.features[-self.levels:]
+        positions = sum(m.shape[-2] * m.shape[-1] for m in maps)
+        if positions < self.decoder.config.num_queries:  # queries are chosen top-k among the positions
+            raise ConfigError(f"head.num_queries={self.decoder.config.num_queries} exceeds the {positions} "
+                              "positions of the backbone's maps at this input size; lower head.num_queries "
+                              "or raise the image size")
+        return {"memory": self.encoder(maps)}
+
+    def split(self) -> HeadParts:
+        """The localization encoder (shared) and the decoder with its loss (per dataset)."""
+        return HeadParts(shared=self.encoder, own=DinoDecoder(self.decoder, self.num_classes, self.max_det),
+                         levels=self.levels)
 
 
 @declare_head(DinoDetHead.spec)

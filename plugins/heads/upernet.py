@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
 from cxr_automl.plugin.targets import check_masks
 
 
@@ -39,7 +40,26 @@ def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes
     return per_class.mean()
 
 
-class UperNetSegHead(Head):
+class UperNetClassifier(nn.Module):
+    """The per-dataset part: UperNet's final 1×1 classifier over the fused map, with the head's loss."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int, bce_weight: float, dice_weight: float):
+        super().__init__()
+        self.classifier = classifier
+        self.num_classes, self.bce_weight, self.dice_weight = num_classes, bce_weight, dice_weight
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.classifier(fused)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return mask_loss(logits, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
+
+
+class UperNetSegHead(Head, SplittableHead):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
     spec = HeadSpec(task="segmentation", feature_maps=2)
@@ -62,6 +82,13 @@ class UperNetSegHead(Head):
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(outputs.float())
+
+    def split(self) -> HeadParts:
+        """PSP + FPN fusion to ``hidden`` channels (shared) and the last 1×1 classifier with the loss (per
+        dataset); the head gives its classifier away."""
+        own = UperNetClassifier(self.net.classifier, self.num_classes, self.bce_weight, self.dice_weight)
+        self.net.classifier = nn.Identity()  # the shared part ends at the fused map
+        return HeadParts(shared=self.net, own=own)
 
 
 @declare_head(UperNetSegHead.spec)

@@ -287,7 +287,7 @@ class LockRelease(Strategy, CustomStep, MultiTask, PlannedSchedule):
             return None, maps, out if task == "loc" else [out]
         if task == "loc":
             memory = heads.loc_encoder(maps)
-            return {"memory": memory}, maps, memory
+            return heads.loc_decoders[ds](memory), maps, memory
         fused = heads.seg_decoder(maps)
         return heads.seg_heads[ds](fused), maps, [fused]
 

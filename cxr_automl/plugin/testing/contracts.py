@@ -15,7 +15,16 @@ import json
 
 import torch
 
-from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, HeadSpec, predict
+from cxr_automl.plugin.interfaces import (
+    Backbone,
+    BackboneOutput,
+    DatasetBundle,
+    Head,
+    HeadParts,
+    HeadSpec,
+    SplittableHead,
+    predict,
+)
 from cxr_automl.plugin.strategy import (
     PROTOCOLS,
     CustomStep,
@@ -100,6 +109,23 @@ class HeadContract:
         assert spec.task in ("classification", "detection", "segmentation")
         if not callable(spec.feature_maps):
             assert spec.feature_maps >= 0
+
+    def test_split_parts_compute_the_head(self, head: Head, batch: dict) -> None:
+        if not isinstance(head, SplittableHead):
+            return
+        feats = self._feats()
+        parts = head.split()
+        assert isinstance(parts, HeadParts)
+        shared_ids = {id(p) for p in parts.shared.parameters()}
+        assert shared_ids and not shared_ids & {id(p) for p in parts.own.parameters()}, "the parts overlap"
+        out = parts.own(parts.shared(parts.maps(feats)))
+        loss = parts.own.loss(out, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert any(p.grad is not None for p in parts.shared.parameters()), "the loss must reach the shared part"
+        parts.own.eval()
+        with torch.no_grad():
+            assert parts.own.predict(parts.own(parts.shared(parts.maps(feats)))) is not None
 
     def test_predict_is_probability(self, head: Head, batch: dict) -> None:
         head.eval()

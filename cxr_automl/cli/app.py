@@ -227,10 +227,11 @@ def plan(ctx: typer.Context,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows).")) -> None:
     """Print a strategy's epoch-by-epoch schedule without training anything.
 
-    One row per epoch: epoch, dataset, task, data
-    fraction, mode (lock/release) and which components train.
+    One row per epoch, laid out by the strategy (which data, which mode, which components train);
+    --json prints the rows as data. Works for strategies whose schedule follows from their configuration
+    alone (they declare the PlannedSchedule protocol); other overrides as for train.
 
-    Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
+    Example: [bold]cxr-automl plan strategy=NAME strategy.KEY=VALUE --json[/bold]
     """
     from cxr_automl.cli import plan as plan_mod
     try:

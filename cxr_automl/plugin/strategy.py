@@ -46,7 +46,7 @@ Hooks in call order (``[P]``: only for strategies declaring protocol P)::
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -86,6 +86,8 @@ class Evaluation:
     place: Callable[["nn.Module"], None] | None = None
     #: the columns of the items' ``labels`` that are this part's classes (None: all of them)
     label_columns: Sequence[int] | None = None
+    #: keyword arguments of the task's evaluator, e.g. ``{"iou_thresholds": (0.4,)}`` for mAP@0.40
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Strategy(abc.ABC):

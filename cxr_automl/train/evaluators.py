@@ -131,7 +131,7 @@ class SegmentationEvaluator(Evaluator):
 
 
 class DetectionEvaluator(Evaluator):
-    """mAP@0.40 (Foundation X), mAP@0.50 and mAP@0.50:0.95 (COCO protocol, torchmetrics on
+    """mAP@0.50 and mAP@0.50:0.95 (COCO protocol, torchmetrics on
     pycocotools), mean average recall (AR@100) and precision at IoU 0.5 and score 0.5.
 
     Predictions are per image ``{"boxes" (K, 4) xyxy in [0, 1], "scores", "labels"}``; they are scaled
@@ -140,12 +140,15 @@ class DetectionEvaluator(Evaluator):
     format (``file_name`` = our image id), so pycocotools' COCOeval can re-score a run on its own.
     """
 
-    def __init__(self, class_names: list[str], score_threshold: float = 0.5):
+    def __init__(self, class_names: list[str], score_threshold: float = 0.5,
+                 iou_thresholds: tuple[float, ...] = ()):
         super().__init__(class_names)
         from torchmetrics.detection import MeanAveragePrecision
         self.coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        self.at40 = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.4],
-                                         backend="pycocotools")
+        #: mAP at each extra IoU threshold t, reported as ``map_<100·t>`` (e.g. 0.4 → ``map_40``)
+        self.at = {f"map_{round(float(t) * 100):02d}": MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", iou_thresholds=[float(t)], backend="pycocotools")
+            for t in iou_thresholds}
         self.score_threshold = score_threshold
         self.results: list[dict[str, Any]] = []
         self.gt: list[dict[str, Any]] = []
@@ -159,7 +162,8 @@ class DetectionEvaluator(Evaluator):
         preds = [{"boxes": p["boxes"].float() * scale, "scores": p["scores"].float(),
                   "labels": p["labels"].long()} for p in predictions]
         self.coco.update(preds, targets)
-        self.at40.update(preds, targets)
+        for metric in self.at.values():
+            metric.update(preds, targets)
         for image_id, p, t in zip(batch["image_id"], preds, targets):
             index = len(self.ids)
             self.ids.append(image_id)
@@ -178,8 +182,9 @@ class DetectionEvaluator(Evaluator):
         self._hw = (int(h), int(w))
 
     def compute(self, prefix: str) -> dict[str, float]:
-        coco, at40 = self.coco.compute(), self.at40.compute()
-        out = {f"{prefix}/map_40": float(at40["map"]), f"{prefix}/map_50": float(coco["map_50"]),
+        coco = self.coco.compute()
+        out = {**{f"{prefix}/{name}": float(m.compute()["map"]) for name, m in self.at.items()},
+               f"{prefix}/map_50": float(coco["map_50"]),
                f"{prefix}/map_50_95": float(coco["map"]), f"{prefix}/recall_100": float(coco["mar_100"]),
                f"{prefix}/precision_50": self.tp / self.n_pred if self.n_pred else 0.0}
         # -1 is pycocotools' "no ground truth to score against", not a score
@@ -202,16 +207,19 @@ EVALUATORS = {"classification": ClassificationEvaluator, "segmentation": Segment
               "detection": DetectionEvaluator}
 
 
-def evaluator_for(task: str, class_names: list[str]) -> Evaluator:
-    """A fresh evaluator of ``task`` over ``class_names``."""
+def evaluator_for(task: str, class_names: list[str], **options: Any) -> Evaluator:
+    """A fresh evaluator of ``task`` over ``class_names``; ``options`` are its keyword arguments (e.g. a
+    detection evaluator's ``iou_thresholds``)."""
     if task not in EVALUATORS:
         raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(EVALUATORS)}")
-    return EVALUATORS[task](class_names)
+    return EVALUATORS[task](class_names, **options)
 
 
-def make_evaluator(task: str, data: DatasetBundle) -> Evaluator:
-    """The evaluator for a head's task; the loop calls this once per evaluation."""
-    return evaluator_for(task, data.class_names)
+def make_evaluator(task: str, data: DatasetBundle, map_iou_thresholds: tuple[float, ...] = ()) -> Evaluator:
+    """The evaluator for a head's task; the loop calls this once per evaluation with the run's
+    ``trainer.map_iou_thresholds`` (detection only)."""
+    options = {"iou_thresholds": tuple(map_iou_thresholds)} if task == "detection" else {}
+    return evaluator_for(task, data.class_names, **options)
 
 
 class PartsWriter:

@@ -269,7 +269,7 @@ class Trainer:
         parts = self.strategy.evaluations(model, split) if multi else None
         dataset = getattr(self.data, split)
         if parts is None:  # the model's head on the whole split
-            evaluator = make_evaluator(model.head.task, self.data)
+            evaluator = make_evaluator(model.head.task, self.data, self.tc.map_iou_thresholds)
             self._run_evaluation(dataset, evaluator, self._head_predict, model)
             metrics = evaluator.compute(split)
         else:  # the strategy's parts, e.g. every (dataset, task) of a multi-task model
@@ -277,7 +277,7 @@ class Trainer:
             for part in parts:
                 if part.place is not None:
                     part.place(model)
-                evaluator = evaluator_for(part.task, part.class_names)
+                evaluator = evaluator_for(part.task, part.class_names, **part.options)
                 self._run_evaluation(torch.utils.data.Subset(dataset, list(part.indices)), evaluator,
                                      part.predict, model, part.label_columns)
                 metrics.update(evaluator.compute(f"{split}/{part.prefix}"))
@@ -359,7 +359,8 @@ class Trainer:
 
 
 #: trainer keys that may differ between a run and its resumption without changing the result
-_RESUME_FREE = ("trainer.num_workers", "trainer.progress", "trainer.device", "run_dir", "resume")
+_RESUME_FREE = ("trainer.num_workers", "trainer.progress", "trainer.device", "trainer.map_iou_thresholds",  # scoring only
+                "run_dir", "resume")
 
 
 def config_fingerprint(cfg: dict[str, Any]) -> dict[str, str]:

@@ -49,6 +49,9 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     progress: bool = True
+    #: extra IoU thresholds at which detection runs report mAP (``map_<100·t>``), besides COCO's 0.50 and
+    #: 0.50:0.95 (default: also mAP@0.40, the threshold CXR localization benchmarks report)
+    map_iou_thresholds: tuple[float, ...] = (0.4,)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainerConfig":

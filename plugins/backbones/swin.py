@@ -17,7 +17,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 from torch import nn
 
 from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
-from cxr_automl.plugin.weights import load_into
+from cxr_automl.plugin.weights import DROP_PREFIXES, load_into
 from cxr_automl_plugins.backbones.timm_groups import grouped_blocks
 
 
@@ -55,7 +55,8 @@ def _build(net: SwinTransformer, image_size: int, weights: str | None, strict: b
     if weights:
         # Ark/Microsoft checkpoints use the original layout (downsample at the end of a stage,
         # relative_position_index saved); timm's own converter maps them to its layout
-        load_into(backbone.net, weights, strict=strict, transform=partial(checkpoint_filter_fn, model=net))
+        load_into(backbone.net, weights, strict=strict, transform=partial(checkpoint_filter_fn, model=net),
+                  drop=(*DROP_PREFIXES, "omni_heads."))  # Ark's per-dataset classification heads
     return backbone
 
 

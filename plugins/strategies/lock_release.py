@@ -339,7 +339,8 @@ class LockRelease(Strategy, CustomStep, MultiTask, PlannedSchedule):
         return [Evaluation(prefix=f"{ds}/{task}", indices=range(*self.members[ds][split]), task=EVAL_TASK[task],
                            class_names=self.classes[ds][task], predict=functools.partial(self._predict, ds, task),
                            place=functools.partial(self._place_for, ds, task),
-                           label_columns=self.members[ds]["columns"] if task == "cls" else None)
+                           label_columns=self.members[ds]["columns"] if task == "cls" else None,
+                           options={"iou_thresholds": (0.4,)} if task == "loc" else {})  # Table 7's mAP@0.40
                 for ds, task in self.pairs()]
 
     def _place_for(self, ds: str, task: str, model: nn.Module) -> None:

@@ -252,8 +252,7 @@ class Trainer:
         done = self.step - self._epoch_first_step  # steps taken this epoch
         n = max(1, self._epoch_steps)
         # == self.step when every epoch has steps_per_epoch steps (train_indices None)
-        self.scheduler.last_epoch = self.epoch * self.steps_per_epoch + round(done * self.steps_per_epoch / n) - 1
-        self.scheduler.step()
+        self.scheduler.set(self.epoch * self.steps_per_epoch + round(done * self.steps_per_epoch / n))
         if isinstance(self.strategy, CustomStep):
             self.strategy.after_step(self.model)
 

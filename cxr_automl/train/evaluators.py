@@ -200,7 +200,9 @@ class DetectionEvaluator(Evaluator):
 
 
 def _xywh(box: list[float]) -> list[float]:
-    return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
+    """COCO's [x, y, width, height] of an xyxy box (torchvision's ``box_convert``), to 0.01 px."""
+    from torchvision.ops import box_convert
+    return [round(v, 2) for v in box_convert(torch.tensor(box, dtype=torch.float64), "xyxy", "xywh").tolist()]
 
 
 EVALUATORS = {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator,

@@ -181,6 +181,11 @@ class LRSchedule:
     def step(self) -> None:
         self.set(self.position + 1)
 
+    @property
+    def last_epoch(self) -> int:
+        """The position under the name torch's schedulers give it (their "epoch" is a step here)."""
+        return self.position
+
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}
 

@@ -47,7 +47,8 @@ from transformers import Sam2MaskDecoderConfig, Sam2PromptEncoderConfig
 from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder, Sam2PromptEncoder
 
 from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
-from cxr_automl.plugin.targets import check_masks
+from cxr_automl.plugin.targets import check_masks, soft_dice_loss
+from cxr_automl.plugin.targets import mask_boxes as pixel_mask_boxes
 from cxr_automl.plugin.weights import WeightsError
 
 PROMPTS = ("mask_box", "image_box")
@@ -58,15 +59,8 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tight boxes of (N, C, H, W) 0/1 masks as (N, C, 4) xyxy normalised to [0, 1] (x1, y1 exclusive),
     and (N, C) whether each mask is non-empty; an empty mask's box is the whole image."""
     h, w = masks.shape[-2:]
-    rows, cols = masks.bool().any(-1), masks.bool().any(-2)  # (N, C, H), (N, C, W)
-    present = rows.any(-1)
-    ys = torch.arange(h, device=masks.device)
-    xs = torch.arange(w, device=masks.device)
-    y0 = torch.where(rows, ys, h).amin(-1)
-    y1 = torch.where(rows, ys, -1).amax(-1) + 1
-    x0 = torch.where(cols, xs, w).amin(-1)
-    x1 = torch.where(cols, xs, -1).amax(-1) + 1
-    boxes = torch.stack([x0 / w, y0 / h, x1 / w, y1 / h], -1).float()
+    boxes, present = pixel_mask_boxes(masks)
+    boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
     whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
     return torch.where(present[..., None], boxes, whole), present
 
@@ -160,9 +154,7 @@ class Sam2SegHead(Head):
             target = masks.float()
             focal = sigmoid_focal_loss(logits, target, alpha=self.focal_alpha, gamma=self.focal_gamma,
                                        reduction="none").mean(dim=(2, 3))
-            probs = logits.sigmoid()
-            inter = (probs * target).sum(dim=(2, 3))
-            dice = 1 - (2 * inter + 1) / (probs.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
+            dice = soft_dice_loss(logits.sigmoid(), target, dims=(2, 3))  # per image-class pair
             hard = (logits > 0).float()
             hard_inter = (hard * target).sum(dim=(2, 3))
             true_iou = hard_inter / (hard.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) - hard_inter).clamp_min(1)

@@ -15,15 +15,7 @@ from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
 from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
-from cxr_automl.plugin.targets import check_masks
-
-
-def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per class, pooled over the batch's pixels, then per-class values (N... -> (C,))."""
-    probs = logits.sigmoid()
-    dims = (0, 2, 3)
-    inter = (probs * masks).sum(dims)
-    return 1 - (2 * inter + eps) / (probs.sum(dims) + masks.sum(dims) + eps)
+from cxr_automl.plugin.targets import check_masks, soft_dice_loss
 
 
 def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, bce_weight: float,
@@ -33,7 +25,7 @@ def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes
     masks = check_masks(batch, num_classes).to(outputs.device, torch.float32)
     logits = F.interpolate(outputs.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
     bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(0, 2, 3))
-    dice = soft_dice_loss(logits, masks)
+    dice = soft_dice_loss(logits.sigmoid(), masks, dims=(0, 2, 3))  # per class, the batch's pixels pooled
     per_class = bce_weight * bce + dice_weight * dice
     if class_weights is not None:
         per_class = per_class * class_weights.to(per_class)

@@ -20,6 +20,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torchvision.ops import box_convert  # noqa: E402
 from ultralytics.nn.modules import Conv, Detect  # noqa: E402
 from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
 from ultralytics.utils.nms import non_max_suppression  # noqa: E402
@@ -79,7 +80,7 @@ class YoloV8Head(Head):
         h, w = batch["image"].shape[-2:]
         targets = check_boxes(batch, self.num_classes)
         boxes = torch.cat([t["boxes"] for t in targets]) / torch.tensor([w, h, w, h], dtype=torch.float32)
-        xywh = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+        xywh = box_convert(boxes, "xyxy", "cxcywh")  # ultralytics' normalised centre-xywh targets
         yolo_batch = {"batch_idx": torch.cat([torch.full((len(t["labels"]),), i, dtype=torch.float32)
                                               for i, t in enumerate(targets)]),
                       "cls": torch.cat([t["labels"] for t in targets]).float(), "bboxes": xywh}

@@ -73,3 +73,56 @@ def test_precision_recall_score_threshold_and_class():
     ev.update([wrong_class], batch)
     m = ev.compute("test")
     assert m["test/precision_50"] == 0.0 and m["test/recall_50"] == 0.0
+
+
+# ------------------------------------------------------------------------------ weak localization (item 2)
+def _classifier(backbone: str, num_classes: int = 3):
+    from cxr_automl.plugin import registry
+    from cxr_automl.train.model import CXRModel
+    torch.manual_seed(0)
+    bb = registry.build("backbone", backbone)
+    head = registry.build("head", "linear", supplied={"in_dim": bb.embed_dim, "in_channels": bb.feature_channels,
+                                                      "num_classes": num_classes})
+    return CXRModel(bb, head, in_channels=1).eval()
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "rad_dino_tiny", "swin_tiny", "hiera_tiny"])
+def test_grad_cam_on_every_backbone_family(backbone):
+    from cxr_automl.train import weakloc
+    model = _classifier(backbone)
+    image = torch.rand(1, 64, 64)
+    # the map is ReLU'd: at random weights some classes see no positive evidence (an all-zero map)
+    cams = [weakloc.grad_cam(model, image, c) for c in range(3)]
+    assert all(cam.shape == (64, 64) and torch.isfinite(cam).all() and float(cam.min()) >= 0 for cam in cams)
+    assert any(float(cam.max()) == pytest.approx(1.0) for cam in cams)
+
+
+def test_grad_cam_of_the_pooled_embedding_is_classic_grad_cam():
+    """On ResNet the pooled embedding is the mean of features[-1]: the pooled-gradient route must give
+    exactly the classic Grad-CAM over that map."""
+    import torch.nn.functional as F
+
+    from cxr_automl.train import weakloc
+    model = _classifier("resnet_tiny")
+    image = torch.rand(1, 64, 64)
+    x = image[None].clone().requires_grad_(True)
+    out = model.features(x)
+    (g,) = torch.autograd.grad(model.head(out)[0, 2], out.features[-1])
+    classic = F.relu((g.mean((2, 3), keepdim=True) * out.features[-1]).sum(1, keepdim=True))
+    classic = F.interpolate(classic, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    classic = (classic - classic.min()) / (classic.max() - classic.min())
+    assert torch.allclose(weakloc.grad_cam(model, image, 2), classic.detach(), atol=1e-5)
+
+
+def test_dira_thresholds_are_60_and_180_of_255():
+    import numpy as np
+
+    from cxr_automl.train import weakloc
+    assert weakloc.DIRA_THRESHOLDS == pytest.approx((0.235, 0.706), abs=5e-4)
+    cam = np.zeros((32, 32), np.float32)
+    cam[2:6, 2:6] = 0.5  # between 60/255 and 180/255: a box at 60, none at 180
+    cam[20:30, 10:14] = 1.0
+    cam[0, 31] = 0.2  # below 60/255
+    low, high = (sorted(map(tuple, weakloc.boxes_from_heatmap(cam, t).tolist())) for t in weakloc.DIRA_THRESHOLDS)
+    assert low == [(2, 2, 6, 6), (10, 20, 14, 30)]
+    assert high == [(10, 20, 14, 30)]

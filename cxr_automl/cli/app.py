@@ -358,31 +358,40 @@ def dashboard(storage: str = typer.Option(..., "--storage"),
 @app.command()
 def evaluate(run_dir: Path = typer.Argument(..., help="Run directory of a classification run (cxr-automl train)."),
              split: str = typer.Option("test", "--split", help="train | val | test"),
-             cam_threshold: float = typer.Option(0.5, "--cam-threshold", help="Heatmap threshold after min-max."),
+             cam_threshold: Optional[list[float]] = typer.Option(
+                 None, "--cam-threshold",
+                 help="Heatmap threshold after min-max; repeat for several. Default: DiRA's 60 and 180 of 255 "
+                      "(0.235, 0.706)."),
              overlays: int = typer.Option(4, "--overlays", help="Heatmap overlay PNGs to write."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Weakly-supervised localization of a classifier: Grad-CAM boxes vs ground-truth boxes.
 
-    Accuracy at IoU >= 0.1 ... 0.6 (the DiRA protocol), per class too; writes RUN_DIR/weakloc/ with
-    weakloc.json and heatmap overlays. Example: [bold]cxr-automl evaluate runs/train/20261126-101500[/bold]
+    Accuracy at IoU >= 0.1 ... 0.6 at each heatmap threshold (the DiRA protocol): the headline is the
+    mean over the findings with boxes, per finding too; writes RUN_DIR/weakloc/ with weakloc.json and
+    heatmap overlays. Example: [bold]cxr-automl evaluate runs/train/20261126-101500[/bold]
     """
     _setup_logging(False)
     from cxr_automl.train import weakloc
+    thresholds = cam_threshold or weakloc.DIRA_THRESHOLDS
     try:
-        res = weakloc.evaluate(run_dir, split=split, cam_threshold=cam_threshold, overlays=overlays)
+        res = weakloc.evaluate(run_dir, split=split, cam_thresholds=thresholds, overlays=overlays)
     except (*_user_errors(), weakloc.WeakLocError) as exc:
         raise _fail(str(exc))
     if as_json:
         print(json.dumps({"n_boxes": res.n_boxes, "metrics": res.metrics, "per_class": res.per_class}, indent=2))
         return
-    table = Table(title=f"weak localization, {split} split, {res.n_boxes} boxes, Grad-CAM threshold {cam_threshold}")
-    table.add_column("class")
-    for key in res.metrics:
-        table.add_column(key.replace("loc_acc@", "IoU≥"), justify="right")
-    table.add_row("all", *(f"{v:.3f}" for v in res.metrics.values()))
-    for name, m in res.per_class.items():
-        table.add_row(f"{name} ({int(m['n_boxes'])})", *(f"{m[k]:.3f}" if k in m else "" for k in res.metrics))
-    Console().print(table)
+    for t in thresholds:
+        prefix = f"t{t:.3f}/"
+        keys = [k for k in res.metrics if k.startswith(prefix + "loc_acc@")]
+        table = Table(title=f"weak localization, {split} split, {res.n_boxes} boxes, Grad-CAM threshold {t:.3f} "
+                            "(all = mean over findings)")
+        table.add_column("finding")
+        for key in keys:
+            table.add_column(key[len(prefix):].replace("loc_acc@", "IoU≥"), justify="right")
+        table.add_row("all", *(f"{res.metrics[k]:.3f}" for k in keys))
+        for name, m in res.per_class.items():
+            table.add_row(f"{name} ({int(m['n_boxes'])})", *(f"{m[k]:.3f}" if k in m else "" for k in keys))
+        Console().print(table)
     Console().print(f"wrote {run_dir}/weakloc/weakloc.json and {len(res.overlays)} overlays")
 
 

@@ -126,3 +126,112 @@ def test_dira_thresholds_are_60_and_180_of_255():
     low, high = (sorted(map(tuple, weakloc.boxes_from_heatmap(cam, t).tolist())) for t in weakloc.DIRA_THRESHOLDS)
     assert low == [(2, 2, 6, 6), (10, 20, 14, 30)]
     assert high == [(10, 20, 14, 30)]
+
+
+# ------------------------------------------------------------------------------------------ MLVICX (item 1)
+def _mlvicx_trainer(tmp_path, *overrides):
+    from conftest import TINY
+    from cxr_automl import config
+    from cxr_automl.train.loop import Trainer
+    cfg = config.compose([*TINY, "dataset.n_train=32", "dataset.n_val=16", "dataset.n_test=16", "strategy=mlvicx",
+                          "strategy.expander_dim=32", "strategy.downstream_epochs=2", "strategy.epochs=2",
+                          *overrides])
+    return Trainer(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("backbone,stages", [("resnet18", 4), ("resnet_tiny", 4), ("swin_tiny", 4),
+                                             ("yolov8_tiny", 3)])
+def test_mlvicx_refines_every_stage_of_each_backbone(backbone, stages):
+    """Paper Fig. 1 / public code: a context bottleneck after every encoder stage, the last included."""
+    from cxr_automl.plugin import registry
+    from cxr_automl.train.model import CXRModel
+    from cxr_automl_plugins.datasets.synthetic_cxr import synthetic_cxr
+    bb = registry.build("backbone", backbone)
+    head = registry.build("head", "linear", supplied={"in_dim": bb.embed_dim, "in_channels": bb.feature_channels,
+                                                      "num_classes": 5})
+    model = CXRModel(bb, head, in_channels=1)
+    strategy = registry.build("strategy", "mlvicx", expander_dim=16)
+    strategy.setup(model, synthetic_cxr(n_train=8, n_val=4, n_test=4, image_size=64, augment=False))
+    assert len(model.mlvicx.bottlenecks) == stages == len(bb.feature_channels)
+    assert model.mlvicx.levels == list(range(stages))
+
+
+def test_mlvicx_local_only_arm_trains_the_last_stage_and_y_is_refined(tmp_path):
+    trainer = _mlvicx_trainer(tmp_path, "strategy.loss_terms=local")
+    model, strategy = trainer.model, trainer.strategy
+    model.train()
+    strategy.loss(model, strategy.forward(model, torch.rand(8, 1, 64, 64), {}), {}).backward()
+    last = model.backbone.stage_modules()[-1]
+    # every parameter is in the graph; some gradients are exactly 0 on this first step only because timm
+    # zero-initialises each residual branch's last BatchNorm
+    assert all(p.grad is not None for p in last.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in last.parameters()) > 0
+    # y (the global embedding) is pooled from the refined last stage
+    model.eval()
+    x = model.adapter(torch.rand(2, 1, 64, 64))
+    refined: list[torch.Tensor] = []
+    with strategy._refining(model, refined):
+        y = model.backbone(x).pooled
+    assert len(refined) == 4 and torch.allclose(y, refined[-1].mean(dim=(2, 3)))
+
+
+def test_mlvicx_lars_schedule_is_the_public_codes(tmp_path):
+    from cxr_automl.plugin import registry
+    from cxr_automl_plugins.strategies.mlvicx_parts import WarmupLars
+    s = registry.build("strategy", "mlvicx")
+    assert s.lr == pytest.approx(0.2 * 64 / 256) and s.weight_decay == 1e-6 and s.warmup_epochs == 2
+    assert registry.build("strategy", "mlvicx", batch_size=128).lr == pytest.approx(0.1)
+    assert registry.build("strategy", "mlvicx", lr=3e-5).lr == 3e-5  # the paper's text, on request
+    trainer = _mlvicx_trainer(tmp_path, "trainer.batch_size=8")
+    assert trainer.strategy.lr == pytest.approx(0.2 * 8 / 256)  # strategy.batch_size follows the trainer's
+    assert isinstance(trainer.optimizer, WarmupLars) and trainer.optimizer.warmup_steps == 2 * (32 // 8)
+    # warm-up known answer: no weight decay (so no LARS trust scaling), no momentum, gradient 1
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = WarmupLars([p], warmup_steps=4, lr=1.0, momentum=0.0, weight_decay=0.0)
+    steps = []
+    for _ in range(6):
+        before = float(p.detach())
+        p.grad = torch.ones(1)
+        opt.step()
+        steps.append(before - float(p.detach()))
+    assert steps == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert opt.param_groups[0]["lr"] == 1.0 and opt.state_dict()["param_groups"][0]["warmup_done"] == 4
+
+
+def test_vicreg_variance_is_halved_as_in_vicregs_code():
+    from cxr_automl_plugins.strategies.mlvicx_parts import variance, vicreg
+    z1 = torch.tensor([[0.0, 0.0], [0.1, 0.2], [0.0, 0.1]])
+    z2 = torch.tensor([[1.0, 0.0], [2.0, 2.0], [1.0, 1.0]])
+    both = variance(z1) + variance(z2)
+    assert vicreg(z1, z2, 25, 25, 1)["var"] == pytest.approx(float(both) / 2)
+    assert vicreg(z1, z2, 25, 25, 1, halve_variance=False)["var"] == pytest.approx(float(both))
+
+
+def test_downstream_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
+    from cxr_automl_plugins.strategies import downstream as ds_mod
+    trainer = _mlvicx_trainer(tmp_path)
+    scores = iter([0.6, 0.7, 0.65, 0.64, 0.9, 0.9, 0.9, 0.9])
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def fake_auc(probs, labels, class_names):
+        seen.append(None)
+        return next(scores)
+
+    monkeypatch.setattr(ds_mod, "_macro_auc", fake_auc)
+    states = []
+    real_update = ds_mod._EarlyStop.update
+
+    def spy(self, score, module):
+        states.append({k: v.clone() for k, v in module.state_dict().items()})
+        return real_update(self, score, module)
+
+    monkeypatch.setattr(ds_mod._EarlyStop, "update", spy)
+    for protocol in ("probe", "finetune"):
+        seen.clear(), states.clear()
+        scores = iter([0.6, 0.7, 0.65, 0.64, 0.9, 0.9, 0.9, 0.9])
+        down = ds_mod.Downstream(protocol=protocol, epochs=8, patience=2, batch_size=16)
+        clone = down.fit(trainer.model, trainer.data, trainer.train_step, seed=0, drop=("mlvicx",))
+        assert len(seen) == 4  # 0.7 at epoch 2, then two epochs without a better one
+        module = clone.head if protocol == "probe" else clone
+        best = states[1]
+        assert all(torch.equal(v, best[k]) for k, v in module.state_dict().items())

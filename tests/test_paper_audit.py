@@ -235,3 +235,70 @@ def test_downstream_early_stopping_keeps_the_best_epoch(tmp_path, monkeypatch):
         module = clone.head if protocol == "probe" else clone
         best = states[1]
         assert all(torch.equal(v, best[k]) for k, v in module.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------- SPFT weights (item 3)
+@pytest.fixture(scope="module")
+def small_cls():
+    from cxr_automl.plugin import registry
+    return registry.build("dataset", "synthetic_cxr", n_train=32, n_val=16, n_test=16, image_size=32)
+
+
+def _spft(data, **kwargs):
+    from cxr_automl.plugin import registry
+    from cxr_automl.train.model import build_model
+    model = build_model({"name": "resnet_tiny", "width": 8}, {"name": "mlp", "hidden": 16}, data)
+    s = registry.build("strategy", "spft", **kwargs)
+    s.setup(model, data)
+    return s, model
+
+
+def test_class_weight_ratio_is_capped():
+    from cxr_automl_plugins.strategies.spft import initial_class_weights
+    labels = torch.zeros(100, 2)
+    labels[:1, 0] = 1  # 99 negatives per positive (Hernia-like)
+    labels[:50, 1] = 1  # 1 negative per positive
+    uncapped = initial_class_weights(labels)
+    assert float(uncapped[0] / uncapped[1]) == pytest.approx(99.0)
+    capped = initial_class_weights(labels, max_ratio=10.0)
+    assert float(capped[0] / capped[1]) == pytest.approx(10.0) and float(capped.mean()) == pytest.approx(1.0)
+
+
+def test_class_weight_modes_match_torch_bce(small_cls):
+    import torch.nn.functional as F
+    logits = torch.randn(6, 5)
+    labels = (torch.rand(6, 5) > 0.6).float()
+    batch = {"labels": labels}
+    for mode in ("loss_scale", "pos_weight"):
+        s, model = _spft(small_cls, class_weight_mode=mode, ema_decay=None)
+        w = s.class_weights
+        got = s.loss(model, logits, batch)
+        if mode == "loss_scale":  # both terms of a class scaled by its weight
+            want = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * w).mean()
+        else:  # torch's pos_weight: positives only
+            want = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=w)
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="class_weight_mode"):
+        _spft(small_cls, class_weight_mode="focal")
+
+
+def test_auc_refinement_compounding_is_capped(small_cls):
+    s, model = _spft(small_cls, weight_refine_rate=1.0, weight_refine_max=4.0, ema_decay=None)
+    names = s.class_names
+    aucs = {f"val/auc/{c}": a for c, a in zip(names, [0.95, 0.5, 0.7, 0.7, 0.7])}
+    for epoch in range(50):  # the same weak class every epoch: without a cap its factor doubles unboundedly
+        s.after_epoch(epoch, model, {"val/macro_auc": 0.7, **aucs})
+    assert float(s.refine_factor.max()) == pytest.approx(4.0) and float(s.refine_factor.min()) >= 0.25
+    w = s.base_weights * s.refine_factor
+    assert torch.allclose(s.class_weights, w / w.mean())
+    assert s.class_weights[1] > s.class_weights[0]
+
+
+def test_class_boost_multiplies_named_classes(small_cls):
+    plain, _ = _spft(small_cls, ema_decay=None)
+    boosted, _ = _spft(small_cls, ema_decay=None, class_boost={"effusion": 3.0})
+    i = plain.class_names.index("effusion")
+    ratio = (boosted.class_weights / plain.class_weights)
+    assert float(ratio[i] / ratio[(i + 1) % len(ratio)]) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="not classes of this dataset.*effusion"):
+        _spft(small_cls, ema_decay=None, class_boost={"hernia": 2.0})

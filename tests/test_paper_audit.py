@@ -302,3 +302,48 @@ def test_class_boost_multiplies_named_classes(small_cls):
     assert float(ratio[i] / ratio[(i + 1) % len(ratio)]) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="not classes of this dataset.*effusion"):
         _spft(small_cls, ema_decay=None, class_boost={"hernia": 2.0})
+
+
+# ---------------------------------------------------------------------------------------- detectors (item 6)
+def test_dino_learn_initial_query_is_an_option():
+    from cxr_automl.plugin.interfaces import BackboneOutput
+    from cxr_automl_plugins.heads.dino import dino
+    maps = [torch.rand(2, c, s, s) for c, s in ((16, 8), (32, 4), (64, 2))]
+    batch = {"image": torch.zeros(2, 1, 64, 64), "boxes": [torch.tensor([[4.0, 4.0, 30.0, 30.0]])] * 2,
+             "box_labels": [torch.tensor([1])] * 2}
+    for learn in (True, False):
+        torch.manual_seed(0)
+        head = dino((16, 32, 64), 3, hidden=32, encoder_ffn=64, decoder_layers=1, decoder_ffn=64, heads=4,
+                    num_queries=10, num_denoising=4, learn_initial_query=learn)
+        assert head.decoder.config.learn_initial_query is learn
+        assert (getattr(head.decoder.model, "weight_embedding", None) is not None) is learn
+        out = head(BackboneOutput(pooled=torch.zeros(2, 64), features=maps, input_size=(64, 64)))
+        loss = head.loss(out, batch)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert len(head.predict(out)) == 2
+
+
+def test_yolov8_detect_weights_load_where_shapes_match(tmp_path, caplog):
+    import os
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics.nn.tasks import DetectionModel
+
+    from cxr_automl.plugin.weights import WeightsError
+    from cxr_automl_plugins.heads.yolov8 import yolov8
+    torch.manual_seed(0)
+    detector = DetectionModel("yolov8n.yaml", nc=5, verbose=False)
+    torch.save({"model": detector}, tmp_path / "yolov8n.pt")
+    theirs = {k: v for k, v in detector.model[-1].state_dict().items()}
+    # the checkpoint's own backbone scale (P3/P4/P5 of 64/128/256), no projection, the same 5 classes: all of it
+    head = yolov8((64, 128, 256), 5, width=None, weights=str(tmp_path / "yolov8n.pt"))
+    ours = head.detect.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # 3 classes: everything but the class logits' last conv
+    head = yolov8((64, 128, 256), 3, width=None, weights=str(tmp_path / "yolov8n.pt"))
+    ours = head.detect.state_dict()
+    assert torch.equal(ours["cv2.0.0.conv.weight"], theirs["cv2.0.0.conv.weight"])
+    assert ours["cv3.0.2.weight"].shape[0] == 3 and "cv3.0.2.weight" not in head.loaded
+    assert "shapes differ" in caplog.text
+    with pytest.raises(WeightsError, match="does not exist"):
+        yolov8((64, 128, 256), 5, width=None, weights=str(tmp_path / "nope.pt"))

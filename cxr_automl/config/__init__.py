@@ -86,7 +86,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
         if name and name not in _group_files(group):
             factory = registry.load(group, name)  # raises "unknown ... known: ..." for a bad name
             cs.store(group=group, name=name, node=_defaults_node(factory, name))
-    fixed = _add_plus_for_factory_keys(overrides, selection)
+    fixed = _add_plus_for_factory_keys(overrides, selection, experiment)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("cxr_automl.config.conf", version_base="1.3"):
@@ -109,9 +109,12 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     return plain
 
 
-def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None]) -> list[str]:
-    """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory."""
+def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None],
+                               experiment: str | None = None) -> list[str]:
+    """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory (and
+    is neither in the component's YAML nor set by the selected preset)."""
     defaults = default_selection()
+    preset = _experiment_node(experiment) if experiment else {}
     out, added = [], set()
     for text in overrides:
         key = text.split("=", 1)[0]
@@ -121,6 +124,7 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
             name = selection[group] or defaults[group]
             factory = registry.load(group, name)
             node_keys = _yaml_keys(group, name) or set(_defaults_node(factory, name))
+            node_keys = node_keys | set(preset.get(group) or {})
             if param not in node_keys:
                 if param in registry.factory_params(factory) and param not in SUPPLIED:
                     # added once; a later same key (a search space's dataset.task, then the user's) overrides it
@@ -153,13 +157,17 @@ def experiments() -> dict[str, str]:
     return out
 
 
-def experiment_selection(name: str) -> dict[str, str]:
-    """The components a preset picks (its ``override /GROUP: NAME`` defaults)."""
+def _experiment_node(name: str) -> Any:
     if name not in _group_files(EXPERIMENT):
         raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(sorted(_group_files(EXPERIMENT)))}")
     text = (importlib.resources.files("cxr_automl.config.conf") / EXPERIMENT / f"{name}.yaml").read_text()
+    return OmegaConf.create(text)
+
+
+def experiment_selection(name: str) -> dict[str, str]:
+    """The components a preset picks (its ``override /GROUP: NAME`` defaults)."""
     sel = {}
-    for item in OmegaConf.create(text).get("defaults") or []:
+    for item in _experiment_node(name).get("defaults") or []:
         if isinstance(item, str) or not OmegaConf.is_dict(item):
             continue
         for key, value in item.items():

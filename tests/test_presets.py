@@ -83,7 +83,8 @@ def overrides(name: str, root: Path) -> list[str]:
         "spft_chexpert": [f"dataset.root={root / 'CheXpert-v1.0-small'}", "backbone.weights=null"],
         "spft_det_yolov8": [f"dataset.root={root / 'vindr-cxr'}"],
         "spft_det_dino": [f"dataset.root={root / 'vindr-cxr'}"],
-        "spft_sam2": [f"dataset.root={root / 'organs'}", "backbone.weights=null", "head.weights=null"],
+        "spft_sam2": [f"dataset.root={root / 'organs'}", "backbone.weights=null", "head.weights=null",
+                      "dataset.val_fraction=0.05"],  # one validation image: each costs a 1024 px forward
         "foundation_x": [f"data_root={root}", FX_DATASETS],
         "mlvicx_nih": [f"dataset.root={root / 'nih_cxr14'}", "strategy.downstream_epochs=1",
                        "strategy.downstream_batch_size=2"],
@@ -260,3 +261,23 @@ def test_dataset_image_size_follows_the_backbone_unless_set(caplog, tmp_path):
     caplog.clear()
     build_model({"name": "rad_dino_tiny", "image_size": 48}, {"name": "mlp", "hidden": 16}, data)
     assert "dataset images are" not in caplog.text
+
+
+def test_cli_lists_shows_and_plans_the_presets():
+    """In-process (typer's runner): the same commands a user types."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cxr_automl.cli.app import app
+    runner = CliRunner()
+    listed = runner.invoke(app, ["plan", "--presets", "--json"])
+    assert listed.exit_code == 0 and set(json.loads(listed.stdout)) == set(PRESETS)
+    shown = runner.invoke(app, ["train", "--show-config", "experiment=spft_nih", "strategy.epochs=20"])
+    assert shown.exit_code == 0, shown.output
+    assert all(t in shown.stdout for t in ("name: rad_dino", "unfreeze_k: 10", "epochs: 20", "precision: bf16"))
+    planned = runner.invoke(app, ["plan", "experiment=foundation_x", "--json"])
+    rows = json.loads(planned.stdout)
+    assert planned.exit_code == 0 and {r["dataset"] for r in rows} >= {"chexpert", "nih", "chestx_det", "siim"}
+    bad = runner.invoke(app, ["train", "--show-config", "experiment=spft_nhi"])
+    assert bad.exit_code == 2 and "unknown experiment 'spft_nhi'; known: foundation_x" in bad.output

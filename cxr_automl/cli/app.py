@@ -57,6 +57,9 @@ def train(ctx: typer.Context,
 
     Example: [bold]cxr-automl train strategy=finetune strategy.unfreeze_k=0 run_dir=runs/probe[/bold]
     (re-running with the same run_dir resumes from its last checkpoint).
+
+    A paper's own setting: [bold]cxr-automl train experiment=spft_nih dataset.root=DIR backbone.weights=W[/bold]
+    ([bold]cxr-automl plan --presets[/bold] lists the presets; add [bold]--show-config[/bold] to see every value).
     """
     _setup_logging(verbose)
     from cxr_automl import config
@@ -224,15 +227,32 @@ def data_check(ctx: typer.Context,
         raise typer.Exit(1)
 @app.command(context_settings=EXTRA)
 def plan(ctx: typer.Context,
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows).")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows)."),
+         presets: bool = typer.Option(False, "--presets", help="List the paper presets (experiment=NAME) and exit.")
+         ) -> None:
     """Print a strategy's epoch-by-epoch schedule without training anything.
 
     One row per epoch: epoch, dataset, task, data
     fraction, mode (lock/release) and which components train.
 
-    Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
+    Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold];
+    a paper preset: [bold]cxr-automl plan experiment=foundation_x[/bold] ([bold]--presets[/bold] lists them;
+    [bold]cxr-automl train --show-config experiment=NAME[/bold] prints any preset's full config).
     """
     from cxr_automl.cli import plan as plan_mod
+    if presets:
+        from cxr_automl import config
+        rows = config.experiments()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table(title="paper presets: experiment=NAME (README: Paper presets)")
+        table.add_column("experiment")
+        table.add_column("what it reproduces")
+        for name, what in rows.items():
+            table.add_row(name, what)
+        Console().print(table)
+        return
     try:
         name, rows = plan_mod.schedule_rows(ctx.args)
     except (*_user_errors(), plan_mod.PlanError) as exc:

@@ -30,7 +30,8 @@ def schedule_rows(overrides: Sequence[str] = ()) -> tuple[str, list[dict[str, An
     if rows is None:
         raise PlanError(f"strategy {name!r} has no schedule that follows from its configuration alone; "
                         "`cxr-automl plan` works for strategies that define Strategy.schedule() "
-                        "(e.g. strategy=lock_release)")
+                        "(e.g. strategy=lock_release); `cxr-automl train --show-config` prints its whole "
+                        "configuration")
     return name, [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
 
 

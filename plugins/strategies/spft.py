@@ -65,14 +65,41 @@ def refine_class_weights(weights: torch.Tensor, class_aucs: list[float | None], 
     return w / w.mean()
 
 
+def check_unfreeze(unfreeze_k: int | str, unfreeze_fraction: float | None) -> tuple[str, float]:
+    """("k", k) | ("all", 0) | ("fraction", f) from the two options, or a one-line error."""
+    if unfreeze_fraction is not None:
+        if not 0 <= float(unfreeze_fraction) <= 1:
+            raise ValueError(f"unfreeze_fraction={unfreeze_fraction}: use a share of the backbone's blocks in [0, 1]")
+        return ("fraction", float(unfreeze_fraction))
+    if isinstance(unfreeze_k, str) and unfreeze_k.strip().lower() == "all":
+        return ("all", 0.0)
+    if isinstance(unfreeze_k, bool) or not isinstance(unfreeze_k, int) or unfreeze_k < -1:
+        raise ValueError(f"unfreeze_k={unfreeze_k!r}: use a number of top blocks (0 = head only), all (or -1), "
+                         "or set unfreeze_fraction to a share of the backbone's blocks")
+    return ("all", 0.0) if unfreeze_k == -1 else ("k", float(unfreeze_k))
+
+
+def resolve_unfreeze(request: tuple[str, float], n_blocks: int) -> int:
+    """Top blocks to train for a backbone of ``n_blocks`` blocks: k (at most all of them), all, or a
+    share of them rounded to the nearest block (at least one when the share is above 0), so one search
+    space reaches the same relative depth of ResNet's stages, Swin's, RAD-DINO's or Hiera's blocks."""
+    kind, value = request
+    if kind == "all":
+        return n_blocks
+    if kind == "fraction":
+        return 0 if value == 0 else min(n_blocks, max(1, round(value * n_blocks)))
+    return min(int(value), n_blocks)
+
+
 class StagedFinetune(Strategy):
     """One class for SPFT and its ablations; ``spft`` and ``finetune`` are its two factories."""
 
-    def __init__(self, epochs: int, head_epochs: int, unfreeze_k: int, unfreeze_ramp: int,
+    def __init__(self, epochs: int, head_epochs: int, unfreeze_k: int | str, unfreeze_ramp: int,
                  lr_head: float, lr_backbone: float, weight_decay: float, ema_decay: float | None,
                  class_weighting: bool, weight_refine_rate: float, patience: int | None,
                  class_weight_max: float | None = None, class_weight_mode: str = "loss_scale",
-                 weight_refine_max: float | None = None, class_boost: dict[str, float] | None = None):
+                 weight_refine_max: float | None = None, class_boost: dict[str, float] | None = None,
+                 unfreeze_fraction: float | None = None):
         if class_weight_mode not in CLASS_WEIGHT_MODES:
             raise ValueError(f"class_weight_mode={class_weight_mode!r}; use one of {', '.join(CLASS_WEIGHT_MODES)}")
         for name, value in (("class_weight_max", class_weight_max), ("weight_refine_max", weight_refine_max)):
@@ -82,7 +109,8 @@ class StagedFinetune(Strategy):
             raise ValueError(f"class_boost={dict(class_boost or {})}: every factor must be > 0")
         self.epochs = epochs
         self.head_epochs = head_epochs
-        self.unfreeze_k = unfreeze_k
+        self.unfreeze_request = check_unfreeze(unfreeze_k, unfreeze_fraction)
+        self.unfreeze_k = 0  # top blocks trained in stage 2, resolved against the backbone in setup
         self.unfreeze_ramp = max(1, unfreeze_ramp)
         self.lr_head, self.lr_backbone, self.weight_decay = lr_head, lr_backbone, weight_decay
         self.ema_decay = ema_decay
@@ -102,10 +130,7 @@ class StagedFinetune(Strategy):
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, data: DatasetBundle) -> None:
-        n_blocks = len(model.backbone.blocks())
-        if self.unfreeze_k < 0 or self.unfreeze_k > n_blocks:
-            self.unfreeze_k = n_blocks if self.unfreeze_k < 0 else self.unfreeze_k
-            self.unfreeze_k = min(self.unfreeze_k, n_blocks)
+        self.unfreeze_k = resolve_unfreeze(self.unfreeze_request, len(model.backbone.blocks()))
         self.class_names = list(data.class_names)
         self.task = data.task
         # label-frequency weights and their AUC feedback are defined for multi-label classification;
@@ -200,12 +225,14 @@ class StagedFinetune(Strategy):
             self.ema.module.load_state_dict(state["ema"])
 
 
-def spft(epochs: int = 10, head_epochs: int = 2, unfreeze_k: int = 4, unfreeze_ramp: int = 2,
+def spft(epochs: int = 10, head_epochs: int = 2, unfreeze_k: int | str = 4, unfreeze_ramp: int = 2,
          lr_head: float = 1e-3, lr_backbone: float = 3e-4, weight_decay: float = 0.05,
          ema_decay: float = 0.99, class_weighting: bool = True, weight_refine_rate: float = 0.5,
          patience: int = 7, class_weight_max: float | None = 10.0, class_weight_mode: str = "loss_scale",
-         weight_refine_max: float | None = 4.0, class_boost: dict[str, float] | None = None) -> StagedFinetune:
-    """SPFT. ``unfreeze_k``: top blocks trained in stage 2 (-1 = all, 0 = linear probe);
+         weight_refine_max: float | None = 4.0, class_boost: dict[str, float] | None = None,
+         unfreeze_fraction: float | None = None) -> StagedFinetune:
+    """SPFT. ``unfreeze_k``: top blocks trained in stage 2 (all or -1 = every block, 0 = linear probe);
+    ``unfreeze_fraction``: instead, that share of the backbone's blocks (0.8 = RAD-DINO's top 10 of 13);
     ``unfreeze_ramp``: stage-2 epochs over which they are unfrozen one after another;
     ``ema_decay``: β of the evaluated parameter EMA; ``weight_refine_rate``: per-epoch AUC feedback;
     ``class_weight_max``: cap on a class's negatives/positives ratio (null: none); ``class_weight_mode``:
@@ -215,12 +242,14 @@ def spft(epochs: int = 10, head_epochs: int = 2, unfreeze_k: int = 4, unfreeze_r
     return StagedFinetune(epochs, head_epochs, unfreeze_k, unfreeze_ramp, lr_head, lr_backbone,
                           weight_decay, ema_decay, class_weighting, weight_refine_rate, patience,
                           class_weight_max=class_weight_max, class_weight_mode=class_weight_mode,
-                          weight_refine_max=weight_refine_max, class_boost=class_boost)
+                          weight_refine_max=weight_refine_max, class_boost=class_boost,
+                          unfreeze_fraction=unfreeze_fraction)
 
 
-def finetune(epochs: int = 10, unfreeze_k: int = -1, lr_head: float = 1e-3, lr_backbone: float = 3e-4,
-             weight_decay: float = 0.05, patience: int | None = None) -> StagedFinetune:
-    """Plain baseline: head + top-k blocks (-1 = all, 0 = linear probe) train from the first epoch,
-    unweighted BCE, no EMA."""
+def finetune(epochs: int = 10, unfreeze_k: int | str = -1, lr_head: float = 1e-3, lr_backbone: float = 3e-4,
+             weight_decay: float = 0.05, patience: int | None = None,
+             unfreeze_fraction: float | None = None) -> StagedFinetune:
+    """Plain baseline: head + top-k blocks (all or -1 = every block, 0 = linear probe; or
+    ``unfreeze_fraction`` of them) train from the first epoch, unweighted BCE, no EMA."""
     return StagedFinetune(epochs, 0, unfreeze_k, 1, lr_head, lr_backbone, weight_decay, None,
-                          False, 0.0, patience)
+                          False, 0.0, patience, unfreeze_fraction=unfreeze_fraction)

@@ -28,7 +28,8 @@ def build(overrides: Sequence[str] = ()) -> tuple[str, PlannedSchedule]:
     if not isinstance(strategy, PlannedSchedule):
         raise PlanError(f"strategy {name!r} has no schedule that follows from its configuration alone; "
                         "`cxr-automl plan` works for strategies that declare the PlannedSchedule protocol "
-                        "(Strategy.schedule() and render_schedule(); `cxr-automl plugins` lists the strategies)")
+                        "(Strategy.schedule() and render_schedule(); `cxr-automl plugins` lists the strategies); "
+                        "`cxr-automl train --show-config` prints a strategy's whole configuration")
     return name, strategy
 
 

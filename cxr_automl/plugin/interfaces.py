@@ -49,11 +49,14 @@ class BackboneOutput:
     ``pooled``: (N, D) embedding for classification. ``features``: multi-scale maps, NCHW, ordered from
     high to low resolution, for dense heads. ``input_size``: (H, W) of the backbone's input, filled in by
     the model wrapper, so dense heads can derive each map's stride without knowing the backbone.
+    ``pooled_map``: (N, D, h, w), the map whose spatial mean is ``pooled``, where the backbone has one
+    (Grad-CAM reads it: a ViT's or Hiera's pooled embedding need not come from any of ``features``).
     """
 
     pooled: torch.Tensor
     features: list[torch.Tensor]
     input_size: tuple[int, int] | None = None
+    pooled_map: torch.Tensor | None = None
 
 
 class Backbone(nn.Module, abc.ABC):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -141,6 +142,10 @@ def fit_threads_to_allocation() -> None:
 
 def lr_factor(tc: TrainerConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     """The LR factor at each optimizer step: linear warmup, then cosine / linear / step decay / constant."""
+    if tc.scheduler == "step" and tc.step_epochs >= epochs:
+        logging.getLogger(__name__).warning(
+            "trainer.scheduler=step with trainer.step_epochs=%d never decays in this run's %d epochs; "
+            "set trainer.step_epochs below %d", tc.step_epochs, epochs, epochs)
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(tc.warmup_epochs * steps_per_epoch))
     floor = tc.min_lr_ratio

@@ -44,7 +44,8 @@ class TimmSwin(Backbone):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         # norm=True: the last map is the final LayerNorm's output, as the pooled embedding is
         x, feats = self.net.forward_intermediates(x, norm=True, output_fmt="NCHW")
-        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats)  # x is NHWC
+        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats,  # x is NHWC
+                              pooled_map=x.permute(0, 3, 1, 2))
 
     def blocks(self) -> Sequence[nn.Module]:
         return grouped_blocks(self.net)

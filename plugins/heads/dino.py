@@ -3,7 +3,11 @@
 What makes DINO — multi-scale *deformable* attention in the decoder, *contrastive denoising* query
 groups during training and *mixed query selection* (anchors chosen top-k from the encoder's memory,
 content queries learned) — is what transformers' ``RTDetrForObjectDetection`` implements
-(``learn_initial_query=True`` gives the mixed selection). Nothing here re-implements attention.
+(``learn_initial_query=True``, the default, gives the mixed selection; false is RT-DETR's own choice,
+content queries taken from the selected memory too). Nothing here re-implements attention. Where it
+differs from the paper's DINO (Foundation X's localization branch): the encoder is RT-DETR's hybrid
+encoder (attention within the coarsest map, then CNN fusion across levels), not DINO's deformable
+encoder over all levels; see the README.
 
 The head splits (``SplittableHead``) as a multi-dataset strategy needs it: ``encoder`` (the *localization
 encoder*: projections of our maps + RT-DETR's hybrid encoder) can be shared, ``DinoDecoder`` (query
@@ -121,9 +125,10 @@ class DinoDetHead(DinoDecoder, Head, SplittableHead):
         det.model.backbone = None
         det.model.encoder_input_proj = None
         det.model.encoder = None
-        old = det.model.weight_embedding
-        det.model.weight_embedding = _TileableEmbedding(old.num_embeddings, old.embedding_dim,
-                                                        _weight=old.weight.data.clone())
+        old = getattr(det.model, "weight_embedding", None)  # the learned content queries, if any
+        if old is not None:
+            det.model.weight_embedding = _TileableEmbedding(old.num_embeddings, old.embedding_dim,
+                                                            _weight=old.weight.data.clone())
         self.decoder = det
 
     def forward(self, feats: BackboneOutput) -> dict[str, Any]:
@@ -144,11 +149,13 @@ class DinoDetHead(DinoDecoder, Head, SplittableHead):
 @declare_head(DinoDetHead.spec)
 def dino(in_channels: tuple[int, ...], num_classes: int, levels: int = 3, hidden: int = 128,
          encoder_ffn: int = 512, decoder_layers: int = 3, decoder_ffn: int = 512, heads: int = 8,
-         num_queries: int = 100, num_denoising: int = 50, decoder_points: int = 4, max_det: int = 100
-         ) -> DinoDetHead:
+         num_queries: int = 100, num_denoising: int = 50, decoder_points: int = 4, max_det: int = 100,
+         learn_initial_query: bool = True) -> DinoDetHead:
     """DINO-style detector on the backbone's last ``levels`` maps. ``hidden``: encoder and decoder
     width (256 in the papers); ``num_denoising``: contrastive denoising queries per image while
-    training (0 = off); ``num_queries``: object queries selected from the encoder memory."""
+    training (0 = off); ``num_queries``: object queries selected from the encoder memory;
+    ``learn_initial_query``: learned content queries with selected anchors (DINO's mixed query
+    selection) or, false, content from the selected memory as well (RT-DETR's default)."""
     if hidden % heads:
         raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
     # a minimal RT-DETR ResNet config only so the library builds without downloading; its backbone is
@@ -161,6 +168,6 @@ def dino(in_channels: tuple[int, ...], num_classes: int, levels: int = 3, hidden
         encode_proj_layers=[levels - 1], encoder_ffn_dim=encoder_ffn, encoder_attention_heads=heads,
         decoder_in_channels=[hidden] * levels, num_feature_levels=levels, decoder_layers=decoder_layers,
         decoder_ffn_dim=decoder_ffn, decoder_attention_heads=heads, decoder_n_points=decoder_points,
-        num_queries=num_queries, num_denoising=num_denoising, learn_initial_query=True,
+        num_queries=num_queries, num_denoising=num_denoising, learn_initial_query=learn_initial_query,
         anchor_image_size=None)
     return DinoDetHead(tuple(in_channels), num_classes, levels, cfg, max_det)

@@ -132,7 +132,9 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
 
     With ``lock`` each visit is a Lock epoch (own head only, ``lock_fraction`` of the data) then a
     Release epoch (whole path, all data); classification is locked only with ``lock_classification``
-    (the public code never locks it). Without ``lock`` each visit is one Release epoch.
+    (the public code never locks it). Without ``lock`` the Lock epoch becomes an unlocked one on the
+    same ``lock_fraction`` (whole path trains, no evaluation after it), so Table 10's arms differ only
+    in what is frozen: the same epochs, the same images, the same evaluations and teacher updates.
     """
     if cycles < 1:
         raise ScheduleError(f"strategy.cycles={cycles} must be >= 1")
@@ -143,9 +145,9 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
     for cycle in range(1, cycles + 1):
         for dataset, task in visits:
             path = _path(dataset, task)
-            if lock and (task != "cls" or lock_classification):
-                rows.append(ScheduleRow(len(rows), cycle, dataset, task, lock_fraction, "lock",
-                                        {c: c == path[-1] for c in path}, False, teacher))
+            if task != "cls" or lock_classification:
+                rows.append(ScheduleRow(len(rows), cycle, dataset, task, lock_fraction, "lock" if lock else "release",
+                                        {c: (c == path[-1]) or not lock for c in path}, False, teacher))
             rows.append(ScheduleRow(len(rows), cycle, dataset, task, 1.0, "release",
                                     {c: True for c in path}, True, teacher))
     return rows

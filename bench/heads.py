@@ -120,7 +120,7 @@ def bare_step_factory(head: str, net: torch.nn.Module, size: int, batch: dict, n
         from transformers import UperNetConfig
         from transformers.models.upernet.modeling_upernet import UperNetHead
 
-        from cxr_automl_plugins.heads.upernet import soft_dice_loss
+        from cxr_automl.plugin.targets import soft_dice_loss
         # the four stage outputs (strides 4-32) our backbones give; features_only also returns the stem's
         dec = UperNetHead(UperNetConfig(hidden_size=width, num_labels=num_classes), in_channels=chans[-4:])
         masks = batch["masks"].float()
@@ -129,7 +129,7 @@ def bare_step_factory(head: str, net: torch.nn.Module, size: int, batch: dict, n
             logits = F.interpolate(dec(net(images)[-4:]), size=masks.shape[-2:], mode="bilinear",
                                    align_corners=False)
             return (F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean((0, 2, 3))
-                    + soft_dice_loss(logits, masks)).mean()
+                    + soft_dice_loss(logits.sigmoid(), masks, dims=(0, 2, 3))).mean()
         modules = [net, dec]
     else:
         from types import SimpleNamespace

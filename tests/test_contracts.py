@@ -47,6 +47,19 @@ class TestHeads(HeadContract):
         return example_batch(head.task)
 
 
+@pytest.mark.parametrize("name", _built_in("head"))
+def test_head_factories_declare_the_spec_of_what_they_build(name):
+    head = registry.build("head", name, supplied={"in_dim": 32, "in_channels": (8, 16, 32), "num_classes": 3})
+    assert registry.load("head", name).head_spec is head.spec  # compat reads the factory's, the loop the head's
+
+
+def test_the_multi_dataset_heads_split():
+    from cxr_automl.plugin.interfaces import SplittableHead
+    assert {n for n in _built_in("head") if isinstance(registry.build(
+        "head", n, supplied={"in_dim": 32, "in_channels": (8, 16, 32), "num_classes": 3}), SplittableHead)} \
+        >= {"dino", "upernet"}
+
+
 class TestStrategies(StrategyContract):
     @pytest.fixture(params=_built_in("strategy"))
     def strategy(self, request):
@@ -82,3 +95,26 @@ def test_model_features_are_the_one_path_to_the_backbone(data):
             feats = model.features(x)
             assert feats.input_size == ((spec.size,) * 2 if spec.fixed_size else (32, 32))
             torch.testing.assert_close(model(x), model.head(feats))
+
+
+def test_a_protocol_hook_without_its_protocol_is_reported():
+    from cxr_automl.plugin.strategy import CORE_HOOKS, PROTOCOLS, Pretraining, Strategy, undeclared_hooks
+
+    class Forgetful(Strategy):
+        def param_groups(self, model):
+            return []
+
+        def plan(self, epoch, model):
+            raise NotImplementedError
+
+        def export(self, model, run_dir):  # never called: Pretraining is not declared
+            pass
+
+    class Declared(Forgetful, Pretraining):
+        pass
+
+    assert undeclared_hooks(Forgetful()) == ["export (declare Pretraining)"]
+    assert undeclared_hooks(Declared()) == []
+    # the core stays small: eight concepts (state_dict/load_state_dict are one), the rest opt-in
+    assert len(CORE_HOOKS) - 1 <= 8 and not set(CORE_HOOKS) & {h for hs in PROTOCOLS.values() for h in hs}
+    assert Strategy.__abstractmethods__ == {"param_groups", "plan"}

@@ -99,7 +99,7 @@ def test_detection_metrics_and_coco_files_agree_with_pycocotools(tmp_path):
         preds.append({"boxes": boxes, "scores": torch.full((len(boxes),), 0.9), "labels": t["labels"]})
     preds[-1] = {"boxes": torch.tensor([[0.1, 0.1, 0.3, 0.3]]), "scores": torch.tensor([0.8]),
                  "labels": torch.tensor([1])}  # a false positive on the image without boxes
-    ev = DetectionEvaluator(["x", "y", "z"])
+    ev = DetectionEvaluator(["x", "y", "z"], iou_thresholds=(0.4,))
     ev.update(preds, batch)
     m = ev.compute("test")
     assert m["test/map_40"] > m["test/map_50"] > 0

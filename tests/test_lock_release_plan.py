@@ -61,7 +61,8 @@ def test_strategy_epochs_follow_the_plan_and_switches_change_it():
     assert strategy.epochs == 24 and [r.cycle for r in strategy.schedule()][11:13] == [1, 2]
     datasets = cfg["strategy"]["datasets"]
     no_lock = schedule(datasets, lock=False, order="by_task")
-    assert [r.mode for r in no_lock] == ["release"] * 6 and all(r.fraction == 1.0 for r in no_lock)
+    assert [r.mode for r in no_lock] == ["release"] * 12 and [r.fraction for r in no_lock] == [0.5, 1.0] * 6
+    assert all(r.frozen == [] for r in no_lock)  # nothing locked; the half epoch trains the whole path
     # Algorithm 1's order: each dataset's tasks in turn; classification is not locked unless asked
     mixed = [{"name": "a", "tasks": ["seg", "cls"]}, {"name": "b", "tasks": ["loc"]}]
     rows = schedule(mixed, order="by_dataset", lock_fraction=0.25)
@@ -93,3 +94,18 @@ def test_bad_schedules_name_the_key_to_fix(kwargs, message):
 def test_plan_of_a_strategy_without_a_schedule_is_a_clear_error(in_tmp):
     proc = run_cli("plan", "strategy=spft", cwd=in_tmp, check=False)
     assert proc.returncode == 2 and "Strategy.schedule()" in proc.stderr.replace("\n", "")
+
+
+def test_table_10_arms_train_the_same_epochs_on_the_same_images():
+    """Lock-Release on/off × teacher on/off: only what is frozen differs, not training length or data
+    (with lock=false an arm used to train half the epochs on 2/3 of the images)."""
+    datasets = [{"name": n, "tasks": ["loc"]} for n in ("heart", "left_lung", "right_lung")]
+    arms = {(lock, teacher): schedule(datasets, lock=lock, teacher=teacher, lock_fraction=0.5, cycles=2)
+            for lock in (True, False) for teacher in (True, False)}
+    shape = {arm: ([r.fraction for r in rows], [r.evaluate for r in rows], [r.teacher_update for r in rows])
+             for arm, rows in arms.items()}
+    assert len(rows := arms[(True, True)]) == 12
+    assert shape[(False, True)] == shape[(True, True)] and shape[(False, False)][:2] == shape[(True, False)][:2]
+    assert sum(r.fraction for r in arms[(False, False)]) == sum(r.fraction for r in rows) == 9.0
+    assert [r.mode for r in rows][:2] == ["lock", "release"] and rows[0].frozen == ["backbone", "loc_encoder"]
+    assert all(not r.frozen for r in arms[(False, True)])

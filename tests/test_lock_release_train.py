@@ -132,7 +132,7 @@ def test_dense_rows_train_exactly_their_components(dense):
     model, s = dense.model, dense.strategy
     heads = model.head
     assert set(heads.loc_decoders) == set(heads.seg_heads) == set(ORGANS) and not len(heads.cls_heads)
-    assert all(d.encoder is None for d in heads.loc_decoders.values())  # one shared localization encoder
+    assert all(getattr(d, "encoder", None) is None for d in heads.loc_decoders.values())  # one shared encoder
     expected = {  # Table 8's T entries of each row, as parameters
         0: ["loc_decoder/heart"], 1: ["backbone", "loc_encoder", "loc_decoder/heart"],
         2: ["loc_decoder/left_lung"], 5: ["backbone", "loc_encoder", "loc_decoder/right_lung"],

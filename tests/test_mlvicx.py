@@ -50,7 +50,7 @@ def test_covariance_eq8():
 
 def test_vicreg_eq3_weights_and_sums_both_branches():
     out = vicreg(Z1, Z2, alpha=25, beta=25, gamma=1, eps=0.0)
-    var = (1 - 1 / math.sqrt(3)) / 2  # var(Z1) + var(Z2) = 0 + (1 − 1/√3)/2
+    var = (1 - 1 / math.sqrt(3)) / 2 / 2  # (var(Z1) + var(Z2)) / 2 = (0 + (1 − 1/√3)/2) / 2, VICReg's code
     assert out["inv"].item() == pytest.approx(1.0)
     assert out["var"].item() == pytest.approx(var)
     assert out["cov"].item() == pytest.approx(0.5)
@@ -118,7 +118,7 @@ def test_bottlenecks_are_inline_and_table_iv_flags_select_the_loss(trainer):
     refined: list[torch.Tensor] = []
     with strategy._refining(model, refined):
         hooked = model.backbone(model.adapter(x)).pooled
-    assert len(refined) == 3 and not torch.allclose(plain, hooked)  # refined maps fed the later stages
+    assert len(refined) == 4 and not torch.allclose(plain, hooked)  # every stage refined, feeding the next
     model.train()
     images = torch.rand(8, 1, 64, 64)
     for terms, silent in (("global", "local_expander"), ("local", "global_expander")):

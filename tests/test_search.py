@@ -135,7 +135,7 @@ def test_grammar_maps_to_optuna_distributions():
 
 def test_shipped_spft_space_loads():
     space = searchspace.load("spft")
-    assert {"strategy.unfreeze_k", "strategy.ema_decay", "strategy.weight_refine_rate",
+    assert {"strategy.unfreeze_fraction", "strategy.ema_decay", "strategy.weight_refine_rate",
             "strategy.lr_backbone", "strategy.lr_head"} <= set(space.params)
 
 

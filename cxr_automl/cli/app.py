@@ -57,6 +57,9 @@ def train(ctx: typer.Context,
 
     Example: [bold]cxr-automl train strategy=finetune strategy.unfreeze_k=0 run_dir=runs/probe[/bold]
     (re-running with the same run_dir resumes from its last checkpoint).
+
+    A paper's own setting: [bold]cxr-automl train experiment=spft_nih dataset.root=DIR backbone.weights=W[/bold]
+    ([bold]cxr-automl plan --presets[/bold] lists the presets; add [bold]--show-config[/bold] to see every value).
     """
     _setup_logging(verbose)
     from cxr_automl import config
@@ -237,24 +240,43 @@ def data_check(ctx: typer.Context,
         raise typer.Exit(1)
 @app.command(context_settings=EXTRA)
 def plan(ctx: typer.Context,
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows).")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list of rows)."),
+         presets: bool = typer.Option(False, "--presets", help="List the paper presets (experiment=NAME) and exit.")
+         ) -> None:
     """Print a strategy's epoch-by-epoch schedule without training anything.
 
-    One row per epoch: epoch, dataset, task, data
-    fraction, mode (lock/release) and which components train.
+    One row per epoch, laid out by the strategy (which data, which mode, which components train);
+    --json prints the rows as data. Works for strategies whose schedule follows from their configuration
+    alone (they declare the PlannedSchedule protocol); other overrides as for train.
 
-    Example: [bold]cxr-automl plan strategy=lock_release strategy.cycles=2[/bold]
+    Example: [bold]cxr-automl plan strategy=NAME strategy.KEY=VALUE --json[/bold];
+    a paper preset: [bold]cxr-automl plan experiment=foundation_x[/bold] ([bold]--presets[/bold] lists them;
+    [bold]cxr-automl train --show-config experiment=NAME[/bold] prints any preset's full config).
     """
     from cxr_automl.cli import plan as plan_mod
+    if presets:
+        from cxr_automl import config
+        rows = config.experiments()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        table = Table(title="paper presets: experiment=NAME (README: Paper presets)")
+        table.add_column("experiment")
+        table.add_column("what it reproduces")
+        for name, what in rows.items():
+            table.add_row(name, what)
+        Console().print(table)
+        return
     try:
-        name, rows = plan_mod.schedule_rows(ctx.args)
+        _, strategy = plan_mod.build(ctx.args)
+        rows = plan_mod.rows_of(strategy)
     except (*_user_errors(), plan_mod.PlanError) as exc:
         raise _fail(str(exc))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     # not a terminal (a pipe, a log): wide enough that the table never wraps
-    Console(width=None if sys.stdout.isatty() else 200).print(plan_mod.render(name, rows))
+    Console(width=None if sys.stdout.isatty() else 200).print(strategy.render_schedule(rows))
 
 
 def _storage_error() -> type[BaseException]:
@@ -371,31 +393,40 @@ def dashboard(storage: str = typer.Option(..., "--storage"),
 @app.command()
 def evaluate(run_dir: Path = typer.Argument(..., help="Run directory of a classification run (cxr-automl train)."),
              split: str = typer.Option("test", "--split", help="train | val | test"),
-             cam_threshold: float = typer.Option(0.5, "--cam-threshold", help="Heatmap threshold after min-max."),
+             cam_threshold: Optional[list[float]] = typer.Option(
+                 None, "--cam-threshold",
+                 help="Heatmap threshold after min-max; repeat for several. Default: DiRA's 60 and 180 of 255 "
+                      "(0.235, 0.706)."),
              overlays: int = typer.Option(4, "--overlays", help="Heatmap overlay PNGs to write."),
              as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Weakly-supervised localization of a classifier: Grad-CAM boxes vs ground-truth boxes.
 
-    Accuracy at IoU >= 0.1 ... 0.6 (the DiRA protocol), per class too; writes RUN_DIR/weakloc/ with
-    weakloc.json and heatmap overlays. Example: [bold]cxr-automl evaluate runs/train/20261126-101500[/bold]
+    Accuracy at IoU >= 0.1 ... 0.6 at each heatmap threshold (the DiRA protocol): the headline is the
+    mean over the findings with boxes, per finding too; writes RUN_DIR/weakloc/ with weakloc.json and
+    heatmap overlays. Example: [bold]cxr-automl evaluate runs/train/20261126-101500[/bold]
     """
     _setup_logging(False)
     from cxr_automl.train import weakloc
+    thresholds = cam_threshold or weakloc.DIRA_THRESHOLDS
     try:
-        res = weakloc.evaluate(run_dir, split=split, cam_threshold=cam_threshold, overlays=overlays)
+        res = weakloc.evaluate(run_dir, split=split, cam_thresholds=thresholds, overlays=overlays)
     except (*_user_errors(), weakloc.WeakLocError) as exc:
         raise _fail(str(exc))
     if as_json:
         print(json.dumps({"n_boxes": res.n_boxes, "metrics": res.metrics, "per_class": res.per_class}, indent=2))
         return
-    table = Table(title=f"weak localization, {split} split, {res.n_boxes} boxes, Grad-CAM threshold {cam_threshold}")
-    table.add_column("class")
-    for key in res.metrics:
-        table.add_column(key.replace("loc_acc@", "IoU≥"), justify="right")
-    table.add_row("all", *(f"{v:.3f}" for v in res.metrics.values()))
-    for name, m in res.per_class.items():
-        table.add_row(f"{name} ({int(m['n_boxes'])})", *(f"{m[k]:.3f}" if k in m else "" for k in res.metrics))
-    Console().print(table)
+    for t in thresholds:
+        prefix = f"t{t:.3f}/"
+        keys = [k for k in res.metrics if k.startswith(prefix + "loc_acc@")]
+        table = Table(title=f"weak localization, {split} split, {res.n_boxes} boxes, Grad-CAM threshold {t:.3f} "
+                            "(all = mean over findings)")
+        table.add_column("finding")
+        for key in keys:
+            table.add_column(key[len(prefix):].replace("loc_acc@", "IoU≥"), justify="right")
+        table.add_row("all", *(f"{res.metrics[k]:.3f}" for k in keys))
+        for name, m in res.per_class.items():
+            table.add_row(f"{name} ({int(m['n_boxes'])})", *(f"{m[k]:.3f}" if k in m else "" for k in keys))
+        Console().print(table)
     Console().print(f"wrote {run_dir}/weakloc/weakloc.json and {len(res.overlays)} overlays")
 
 

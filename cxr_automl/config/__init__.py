@@ -3,6 +3,10 @@
 ``compose(["backbone=resnet18", "strategy.unfreeze_k=2"])`` returns a plain dict. Component groups
 (backbone, head, strategy, dataset) are checked against the selected factory's signature, so an
 option the plugin does not take is rejected with the list of options it does take.
+
+``experiment=NAME`` selects a paper preset (``conf/experiment/NAME.yaml``, ``# @package _global_``):
+it picks the four components and sets their options and the trainer's, each value citing the paper;
+overrides after it on the command line still win.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from cxr_automl.plugin import registry
 GROUPS = tuple(registry.KINDS)  # backbone, head, strategy, dataset
 #: factory arguments the core supplies itself; users never set them
 SUPPLIED = {"in_dim", "in_channels", "num_classes"}
+#: the group of paper presets; not a component kind (no plugin), a set of values for all of them
+EXPERIMENT = "experiment"
 
 
 class ConfigError(UserError):
@@ -65,16 +71,22 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     backbone × head × dataset-task check (``data check`` looks at the dataset alone)."""
     overrides = list(overrides)
     selection = {g: None for g in GROUPS}
+    experiment = None
     for key, value in _split(overrides):
         if key in GROUPS:
             selection[key] = value
+        elif key == EXPERIMENT:
+            experiment = value or None
+    if experiment:  # the preset's components, unless the command line picks another
+        for group, name in experiment_selection(experiment).items():
+            selection[group] = selection[group] or name
     # A component with no YAML of its own (a third-party plugin) gets a node from its signature.
     cs = ConfigStore.instance()
     for group, name in selection.items():
         if name and name not in _group_files(group):
             factory = registry.load(group, name)  # raises "unknown ... known: ..." for a bad name
             cs.store(group=group, name=name, node=_defaults_node(factory, name))
-    fixed = _add_plus_for_factory_keys(overrides, selection)
+    fixed = _add_plus_for_factory_keys(overrides, selection, experiment)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("cxr_automl.config.conf", version_base="1.3"):
@@ -87,6 +99,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     assert isinstance(plain, dict)
     for group in GROUPS:
         _check_component(group, plain[group])
+        if group == "dataset":
+            _follow_backbone_size(plain)
         _fill_defaults(group, plain[group])
     from cxr_automl.plugin.compat import check_config  # backbone × head × dataset task, before building
     reason = check_config(plain) if check_task else None
@@ -95,9 +109,12 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
     return plain
 
 
-def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None]) -> list[str]:
-    """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory."""
+def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | None],
+                               experiment: str | None = None) -> list[str]:
+    """``strategy.foo=1`` works without Hydra's ``+`` when ``foo`` is an argument of the factory (and
+    is neither in the component's YAML nor set by the selected preset)."""
     defaults = default_selection()
+    preset = _experiment_node(experiment) if experiment else {}
     out, added = [], set()
     for text in overrides:
         key = text.split("=", 1)[0]
@@ -107,6 +124,7 @@ def _add_plus_for_factory_keys(overrides: list[str], selection: dict[str, str | 
             name = selection[group] or defaults[group]
             factory = registry.load(group, name)
             node_keys = _yaml_keys(group, name) or set(_defaults_node(factory, name))
+            node_keys = node_keys | set(preset.get(group) or {})
             if param not in node_keys:
                 if param in registry.factory_params(factory) and param not in SUPPLIED:
                     # added once; a later same key (a search space's dataset.task, then the user's) overrides it
@@ -125,6 +143,47 @@ def _yaml_keys(group: str, name: str) -> set[str] | None:
     text = (importlib.resources.files("cxr_automl.config.conf") / group / f"{name}.yaml").read_text()
     node = OmegaConf.create(text)
     return set(node.keys())  # type: ignore[arg-type]
+
+
+def experiments() -> dict[str, str]:
+    """Preset name → its first comment line (what it reproduces)."""
+    root = importlib.resources.files("cxr_automl.config.conf") / EXPERIMENT
+    out = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".yaml"):
+            lines = [ln[1:].strip() for ln in p.read_text().splitlines()
+                     if ln.startswith("#") and "@package" not in ln]
+            out[p.name[:-5]] = lines[0] if lines else ""
+    return out
+
+
+def _experiment_node(name: str) -> Any:
+    if name not in _group_files(EXPERIMENT):
+        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(sorted(_group_files(EXPERIMENT)))}")
+    text = (importlib.resources.files("cxr_automl.config.conf") / EXPERIMENT / f"{name}.yaml").read_text()
+    return OmegaConf.create(text)
+
+
+def experiment_selection(name: str) -> dict[str, str]:
+    """The components a preset picks (its ``override /GROUP: NAME`` defaults)."""
+    sel = {}
+    for item in _experiment_node(name).get("defaults") or []:
+        if isinstance(item, str) or not OmegaConf.is_dict(item):
+            continue
+        for key, value in item.items():
+            group = str(key).removeprefix("override").strip().lstrip("/")
+            if group in GROUPS:
+                sel[group] = str(value)
+    return sel
+
+
+def _follow_backbone_size(cfg: dict[str, Any]) -> None:
+    """A dataset whose image size is not set anywhere takes the backbone's input size, so images are
+    cached at the size the model sees (not at the loader's default and resized at every step)."""
+    size = cfg["backbone"].get("image_size")
+    if "image_size" not in cfg["dataset"] and isinstance(size, int):
+        if "image_size" in registry.factory_params(registry.load("dataset", cfg["dataset"]["name"])):
+            cfg["dataset"]["image_size"] = size
 
 
 def default_selection() -> dict[str, str]:

@@ -8,6 +8,8 @@ import math
 import optuna
 
 from cxr_automl import config as config_mod
+from cxr_automl.errors import UserError
+from cxr_automl.plugin import registry
 from cxr_automl.hpo.searchspace import SearchSpace
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -22,16 +24,26 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def resolve_prune_warmup(value: str, space: SearchSpace, overrides: tuple[str, ...] = ()) -> int:
-    """``auto``: a quarter of the trial's ``strategy.epochs``, at least 2 (2 when the strategy has no
-    fixed epoch count). Judging earlier stops the recipes that dip before they climb — SPFT with deep
+    """``auto``: a quarter of the epochs the trial's strategy states (``Strategy.epochs``), at least 2
+    (2 when its configuration does not build). Judging earlier stops the recipes that dip before they climb — SPFT with deep
     unfreezing and a high backbone LR was the best recipe and among the worst at epoch 3 (bench/scale.py)."""
     if value != "auto":
         try:
             return int(value)
         except ValueError:
             raise ValueError(f"--prune-warmup {value!r}: use auto or an epoch index >= 0") from None
-    epochs = config_mod.compose([*space.overrides, *overrides]).get("strategy", {}).get("epochs")
-    return max(2, round(int(epochs) / 4)) if isinstance(epochs, int) else 2
+    epochs = strategy_epochs(config_mod.compose([*space.overrides, *overrides]))
+    return max(2, round(epochs / 4)) if epochs is not None else 2
+
+
+def strategy_epochs(cfg: dict) -> int | None:
+    """The epoch count of the configured strategy, built from its configuration alone (no model, no
+    data): ``strategy.epochs`` for most, the schedule's length for one that follows a schedule."""
+    s_cfg = dict(cfg.get("strategy") or {})
+    try:
+        return int(registry.build("strategy", s_cfg.pop("name"), **s_cfg).epochs)
+    except (UserError, ValueError, TypeError, KeyError):  # a configuration the trial itself will report
+        return None
 
 
 LOOKAHEAD_PRUNERS = ("successive_halving",)

@@ -34,6 +34,10 @@ class OptunaReporter(Callback):
     def __init__(self, trial: optuna.Trial, metric: str):
         self.trial, self.metric = trial, metric
 
+    def on_fit_start(self, trainer: Trainer) -> None:
+        # the look-ahead pruner projects to the last epoch: the count the built strategy states
+        self.trial.set_user_attr("epochs", int(trainer.strategy.epochs))
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
@@ -72,8 +76,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, opts: SearchOptions, pro
         cfg = config_mod.compose(trial_overrides(opts, params))
         for kind in config_mod.GROUPS:
             trial.set_user_attr(kind, cfg[kind]["name"])
-        if isinstance(cfg["strategy"].get("epochs"), int):  # the look-ahead pruner projects to the last epoch
-            trial.set_user_attr("epochs", cfg["strategy"]["epochs"])
         metrics = run_mod.train(cfg, run_dir, [OptunaReporter(trial, opts.space.metric)], progress,
                                 label=f"trial {trial.number} ")
     except optuna.TrialPruned as exc:

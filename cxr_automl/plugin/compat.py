@@ -1,10 +1,9 @@
 """Which backbone × head × dataset-task combinations make sense, decided before anything is built.
 
-Read from the classes the factories declare they return (their return annotation): a head class says
-its ``task`` and how many multi-scale maps it needs (``min_feature_maps``, or a static
-``feature_maps_needed(head_cfg)`` when that depends on its config); a backbone class says how many
-maps it gives (``num_feature_maps``). A third-party plugin without these declarations is assumed compatible
-and is checked when the model is built.
+A head factory declares what its heads do and need as data (``HeadSpec``, through ``@declare_head``):
+the task, and how many multi-scale maps it needs as a function of its config. A backbone class says
+how many maps it gives (``num_feature_maps``), read from the class its factory declares it returns. A
+third-party plugin without these declarations is assumed compatible and is checked when the model is built.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxr_automl.plugin import registry
+from cxr_automl.plugin.interfaces import HeadSpec
 
 
 @dataclass(frozen=True)
@@ -34,33 +34,36 @@ def _returned_class(kind: str, name: str) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
+def head_spec(name: str) -> HeadSpec | None:
+    """The ``HeadSpec`` head factory ``name`` declares, or None."""
+    spec = getattr(registry.load("head", name), "head_spec", None)
+    return spec if isinstance(spec, HeadSpec) else None
+
+
 def head_task(name: str) -> str | None:
-    cls = _returned_class("head", name)
-    return getattr(cls, "task", None) if cls is not None else None
+    spec = head_spec(name)
+    return spec.task if spec is not None else None
+
+
+def _with_defaults(head: str, head_cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The head's config with its factory's defaults filled in (what the factory would be called with)."""
+    params = registry.factory_params(registry.load("head", head))
+    cfg = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    cfg.update({k: v for k, v in (head_cfg or {}).items() if k != "name"})
+    return cfg
 
 
 def check(backbone: str, head: str, head_cfg: dict[str, Any] | None = None) -> Combination:
     """Whether ``head`` can sit on ``backbone``; ``reason`` is a one-line fix when not."""
-    h_cls, b_cls = _returned_class("head", head), _returned_class("backbone", backbone)
-    task = getattr(h_cls, "task", None) if h_cls is not None else None
-    need = int(getattr(h_cls, "min_feature_maps", 0) or 0)
-    levels = (head_cfg or {}).get("levels", _default(head, "levels"))
-    if isinstance(levels, int):
-        need = max(need, levels)  # a detection head on the backbone's last `levels` maps
-    needed = getattr(h_cls, "feature_maps_needed", None)
-    if callable(needed):  # a head whose need depends on its config (e.g. which level it embeds)
-        need = max(need, int(needed(head_cfg or {})))
+    spec, b_cls = head_spec(head), _returned_class("backbone", backbone)
+    task = spec.task if spec is not None else None
+    need = spec.maps_needed(_with_defaults(head, head_cfg)) if spec is not None else 0
     have = getattr(b_cls, "num_feature_maps", None) if b_cls is not None else None
     if have is not None and need > have:
         return Combination(backbone, head, task, False,
                            f"head {head!r} needs {need} multi-scale feature maps but backbone {backbone!r} "
                            f"gives {have}; choose another head or backbone (`cxr-automl plugins --matrix`)")
     return Combination(backbone, head, task, True)
-
-
-def _default(head: str, key: str) -> Any:
-    p = registry.factory_params(registry.load("head", head)).get(key)
-    return None if p is None or p.default is p.empty else p.default
 
 
 def check_config(cfg: dict[str, Any]) -> str | None:

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # step.py builds on trainer_utils, which imports this module
-    from cxr_automl.train.step import TrainStep
-
+# the strategy contract lives in ``strategy.py`` (a small core plus opt-in protocols); re-exported here
+from cxr_automl.plugin.strategy import (  # noqa: F401
+    CustomStep,
+    EpochPlan,
+    Evaluation,
+    MultiTask,
+    PlannedSchedule,
+    Pretraining,
+    Strategy,
+)
 
 # ----------------------------------------------------------------------------------------------- backbones
 @dataclass(frozen=True)
@@ -43,11 +49,14 @@ class BackboneOutput:
     ``pooled``: (N, D) embedding for classification. ``features``: multi-scale maps, NCHW, ordered from
     high to low resolution, for dense heads. ``input_size``: (H, W) of the backbone's input, filled in by
     the model wrapper, so dense heads can derive each map's stride without knowing the backbone.
+    ``pooled_map``: (N, D, h, w), the map whose spatial mean is ``pooled``, where the backbone has one
+    (Grad-CAM reads it: a ViT's or Hiera's pooled embedding need not come from any of ``features``).
     """
 
     pooled: torch.Tensor
     features: list[torch.Tensor]
     input_size: tuple[int, int] | None = None
+    pooled_map: torch.Tensor | None = None
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -90,20 +99,49 @@ class Backbone(nn.Module, abc.ABC):
 
 
 # ----------------------------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a head does and needs, as data (read before anything is built, as timm's ``pretrained_cfg``).
+
+    A head class sets it as ``spec`` and its factory declares the same object with ``@declare_head``,
+    so ``compat`` checks a backbone × head × dataset combination from the configuration alone.
+    """
+
+    #: which evaluator applies (``cxr_automl.train.evaluators``): classification | segmentation | detection
+    task: str = "classification"
+    #: multi-scale maps the head needs from the backbone: a number, or a function of the head's config (its
+    #: factory's keyword arguments, defaults filled in), e.g. ``lambda cfg: cfg["levels"]``; 0 = pooled only
+    feature_maps: int | Callable[[dict[str, Any]], int] = 0
+    #: ``predict(outputs, batch)``: the head builds its prompts from the batch (e.g. boxes from the masks)
+    predict_needs_batch: bool = False
+
+    def maps_needed(self, head_cfg: dict[str, Any]) -> int:
+        """How many maps a head built from ``head_cfg`` (defaults filled in) needs."""
+        return int(self.feature_maps(head_cfg) if callable(self.feature_maps) else self.feature_maps)
+
+
+def declare_head(spec: HeadSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a head factory: states the ``HeadSpec`` of the heads it builds (``factory.head_spec``)."""
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.head_spec = spec  # type: ignore[attr-defined]
+        return factory
+    return mark
+
+
 class Head(nn.Module, abc.ABC):
     """Maps backbone outputs to task outputs and owns the task loss.
 
     Built by the core after the backbone and dataset, so its factory receives ``in_dim`` /
-    ``in_channels`` and ``num_classes`` from them (the user never writes those).
+    ``in_channels`` and ``num_classes`` from them (the user never writes those). What it does and needs
+    is its class's ``spec`` (``HeadSpec``).
     """
 
-    #: which evaluator applies (``cxr_automl.train.evaluators``): "classification", "segmentation", "detection"
-    task: str = "classification"
-    #: multi-scale maps the head needs from the backbone (0 = the pooled embedding is enough)
-    min_feature_maps: int = 0
-    #: True for heads prompted from the batch (e.g. box prompts taken from the masks): ``predict`` then also
-    #: receives the batch — call it through ``interfaces.predict`` so both kinds get what they need
-    prompted: bool = False
+    spec: ClassVar[HeadSpec] = HeadSpec()
+
+    @property
+    def task(self) -> str:
+        """``spec.task``: which evaluator scores this head."""
+        return self.spec.task
 
     @abc.abstractmethod
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
@@ -118,14 +156,50 @@ class Head(nn.Module, abc.ABC):
     def predict(self, outputs: torch.Tensor) -> Any:
         """What the task's evaluator scores, called on evaluation batches: class probabilities (N, C);
         mask probabilities (N, C, h, w) at any resolution; or per image a dict of ``boxes`` (K, 4) xyxy
-        normalised to [0, 1], ``scores`` and ``labels``. A ``prompted`` head's ``predict`` takes a second
-        argument, the batch (on the CPU), from which it builds its prompts."""
+        normalised to [0, 1], ``scores`` and ``labels``. With ``spec.predict_needs_batch`` it takes a
+        second argument, the batch (on the CPU), from which it builds its prompts."""
         return torch.sigmoid(outputs.float())
 
 
+@dataclass
+class HeadParts:
+    """A head cut in two (``SplittableHead.split``): ``shared(maps)`` turns the backbone's maps into an
+    intermediate (a tensor or a list of tensors) several datasets can share; ``own(intermediate)`` gives
+    the outputs its ``loss(outputs, batch)`` and ``predict(outputs)`` take, one per dataset."""
+
+    shared: nn.Module
+    own: nn.Module
+    #: how many of the backbone's last maps ``shared`` reads, made contiguous (None: all of them)
+    levels: int | None = None
+
+    def maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
+        """The backbone maps ``shared`` reads."""
+        return last_maps(feats, self.levels)
+
+
+def last_maps(feats: BackboneOutput, levels: int | None) -> list[torch.Tensor]:
+    """The backbone's last ``levels`` maps (None: all), contiguous (timm's NCHW maps may be permuted views)."""
+    return [m.contiguous() for m in (feats.features if levels is None else feats.features[-levels:])]
+
+
+class SplittableHead(abc.ABC):
+    """Opt-in for a head whose network splits into a part shared across datasets and a part each
+    dataset owns (a multi-dataset strategy shares one encoder/decoder and keeps one classifier per dataset)."""
+
+    @abc.abstractmethod
+    def split(self) -> HeadParts:
+        """Called by a multi-dataset strategy once on each freshly built head, before training.
+
+        Returns:
+            The head's two parts; ``shared(parts.maps(feats))`` then ``own(...)`` computes what the head's
+            ``forward`` computes. The head is not used afterwards (it may give its modules away).
+        """
+
+
 def predict(head: Head, outputs: Any, batch: dict[str, Any]) -> Any:
-    """``head.predict`` as every evaluation calls it: with the batch for a ``prompted`` head."""
-    return head.predict(outputs, batch) if getattr(head, "prompted", False) else head.predict(outputs)
+    """``head.predict`` as every evaluation calls it: with the batch where the head's spec asks for it."""
+    spec = getattr(head, "spec", None)
+    return head.predict(outputs, batch) if getattr(spec, "predict_needs_batch", False) else head.predict(outputs)
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -153,187 +227,6 @@ class DatasetBundle:
             return torch.as_tensor(labels, dtype=torch.float32)
         ds = getattr(self, split)
         return torch.stack([ds[i]["labels"] for i in range(len(ds))])
-
-
-# ----------------------------------------------------------------------------------------------- strategies
-@dataclass
-class EpochPlan:
-    """What a strategy wants for one epoch: a human-readable phase name and the modules that train.
-
-    Every parameter of the model outside ``trainable`` is frozen for that epoch (and frozen
-    backbone blocks are put in eval mode so BatchNorm statistics stay put).
-    """
-
-    phase: str
-    trainable: list[nn.Module]
-
-
-@dataclass
-class Evaluation:
-    """One part of a strategy's own evaluation (``Strategy.evaluations``): a task scored on some items
-    of a split, with its own class names; metrics are named ``<split>/<prefix>/<metric>`` and the
-    test split's per-image file is written under ``run_dir/<prefix>/``."""
-
-    prefix: str
-    indices: Sequence[int]  # items of the split this part scores
-    task: str  # classification | detection | segmentation (picks the evaluator)
-    class_names: list[str]
-    #: (model, images, batch) -> what the task's evaluator scores (as ``Head.predict`` returns), under no_grad
-    predict: Callable[["nn.Module", torch.Tensor, dict[str, Any]], Any]
-    #: called before the part runs, e.g. to move the part's head onto the device
-    place: Callable[["nn.Module"], None] | None = None
-    #: the columns of the items' ``labels`` that are this part's classes (None: all of them)
-    label_columns: Sequence[int] | None = None
-
-
-class Strategy(abc.ABC):
-    """How to adapt: what trains when, which loss, what to evaluate with. The core owns the loop.
-
-    Hooks in call order::
-
-        prepare_data(data)                       once, before the model is built (default: data as is)
-        setup(model, data)                       once, before the optimizer is built
-        to_device(model, device)                 once, after setup (default model.to(device))
-        param_groups(model)                      once: the optimizer's parameter groups
-        optimizer(groups)                        once: the optimizer over them (default AdamW)
-        for epoch in range(epochs):
-            plan(epoch, model)                   start of every epoch: EpochPlan
-            train_indices(epoch, n)              which training items this epoch uses (default all)
-            for batch: outputs = forward(model, images, batch)   (default model(images))
-                       loss(model, outputs, batch)  then after_step(model) after every optimizer step
-            eval_model(model, train_step)        once: the module evaluated on validation (and tested)
-            evaluations(evaluated, "val")        its parts (default None: the head's task on the split)
-            summarize("val", metrics)            aggregate metrics added after every evaluation
-            after_epoch(epoch, model, val_metrics)  returns True to stop early
-        export(model, run_dir)                   once after the last epoch, before the test
-        state_dict() / load_state_dict()         saved in / restored from every checkpoint
-    """
-
-    #: number of epochs the loop runs (the strategy may stop earlier through ``after_epoch``)
-    epochs: int = 1
-    #: True when the configured head is only a template the strategy resizes for each dataset and task
-    #: it composes (multi-dataset strategies); ``config.compose`` then does not match it to the run's dataset task
-    head_is_template: bool = False
-
-    def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
-        """Called once with the run's dataset, before the model is built (the head is sized from the
-        result): a strategy that trains on several datasets composes them here."""
-        return data
-
-    def setup(self, model: "nn.Module", data: DatasetBundle) -> None:
-        """Called once before training, e.g. to derive class weights from the training labels."""
-
-    def to_device(self, model: "nn.Module", device: torch.device) -> None:
-        """Called once after ``setup``: put the model on the run's device. A strategy that keeps parts
-        of the model off the accelerator (e.g. inactive per-dataset heads) places them itself. Modules
-        the strategy holds as attributes (an EMA copy built in ``setup``) are already on the device:
-        the loop moves them just before this call."""
-        model.to(device)
-
-    @abc.abstractmethod
-    def param_groups(self, model: "nn.Module") -> list[dict[str, Any]]:
-        """Optimizer parameter groups (dicts with ``params`` and ``lr``, optional ``weight_decay``).
-
-        Include every parameter that may train in *any* epoch: frozen parameters get no gradient and
-        the optimizer skips them, so one optimizer and one LR schedule serve the whole run.
-        """
-
-    def optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        """Called once, right after ``param_groups``: the optimizer over those groups.
-
-        The default is AdamW; a strategy whose method prescribes another (e.g. LARS) overrides it.
-        The loop's LR schedule scales every group's ``lr`` whatever the optimizer.
-        """
-        return torch.optim.AdamW(param_groups)
-
-    @abc.abstractmethod
-    def plan(self, epoch: int, model: "nn.Module") -> EpochPlan:
-        """Called at the start of every epoch (0-based)."""
-
-    def train_indices(self, epoch: int, n: int) -> Sequence[int] | None:
-        """Called at the start of every epoch, after ``plan``: the indices of the ``n`` training items
-        this epoch visits (shuffled by the loop), or None for all (e.g. a Lock epoch on half of one
-        dataset). The LR schedule still counts full epochs."""
-        return None
-
-    def forward(self, model: "nn.Module", images: torch.Tensor, batch: dict[str, Any]) -> Any:
-        """Called for every training micro-batch, inside autocast, in place of ``model(images)``.
-
-        Whatever it returns is what ``loss`` receives as ``outputs``. Self-supervised strategies
-        build their augmented views and embeddings here; evaluation never calls it.
-        """
-        return model(images)
-
-    def loss(self, model: "nn.Module", outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Loss composition; the default is the head's own loss."""
-        return model.head.loss(outputs, batch)
-
-    def after_step(self, model: "nn.Module") -> None:
-        """Called after every optimizer step (e.g. EMA update)."""
-
-    def eval_model(self, model: "nn.Module", train_step: "TrainStep") -> "nn.Module":
-        """Called once per epoch, after its training and before its validation: the module to evaluate.
-
-        The loop validates the returned module, keeps its weights when the epoch is the best, and tests
-        a copy of it with the best epoch's weights (the last epoch's module when none scored). Otherwise called
-        only where a model is evaluated without training an epoch first (a restored, finished run).
-
-        Args:
-            model: the trained model.
-            train_step: the run's training step (precision, loss scaling, clipping, DataLoaders); a
-                strategy that *trains* the evaluated module (a downstream probe) trains it with
-                this, so the run's ``trainer`` settings apply there too.
-
-        Returns:
-            ``model`` itself (the default), a module kept alongside it (an EMA copy), or a new one.
-        """
-        return model
-
-    def evaluations(self, model: "nn.Module", split: str) -> list[Evaluation] | None:
-        """Called before every evaluation (validation after each epoch, test at the end): the parts to
-        score, e.g. every (dataset, task) of a multi-task model. ``None`` (default): the model's head on
-        the whole split. An empty list skips the evaluation (no metrics that epoch)."""
-        return None
-
-    def summarize(self, split: str, metrics: dict[str, float]) -> dict[str, float]:
-        """Called after every evaluation with its metrics: extra metrics to add (e.g. the aggregate
-        that ``monitor`` names)."""
-        return {}
-
-    def after_epoch(self, epoch: int, model: "nn.Module", val_metrics: dict[str, float]) -> bool:
-        """Called at the end of every epoch, after its validation (and after the loop has kept the
-        best epoch's weights), before the checkpoint is written.
-
-        Args:
-            epoch: the epoch that just finished (0-based).
-            model: the trained model (not ``eval_model``'s module), e.g. for an epoch-wise EMA teacher.
-            val_metrics: that epoch's validation metrics (empty when the strategy skipped validation).
-
-        Returns:
-            True to stop training after this epoch (early stopping), else False.
-        """
-        return False
-
-    def export(self, model: "nn.Module", run_dir: "Path") -> None:
-        """Called once after the last epoch (also when an already finished run is re-run), before the
-        test evaluation: write artefacts such as a pretrained encoder into ``run_dir``."""
-
-    def schedule(self) -> list[Any] | None:
-        """Optional: every epoch's plan as data computed from the configuration alone (no model, no
-        data), for ``cxr-automl plan``. Rows have ``as_dict()`` or are dicts with at least epoch,
-        dataset, task, fraction, mode and trainable. ``None``: the plan depends on the model."""
-        return None
-
-    def monitor(self) -> str:
-        """Name of the validation metric that selects the best epoch and feeds Optuna."""
-        return "val/macro_auc"  # classification; strategies that serve dense tasks return theirs
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (phase, class weights, EMA weights, patience...)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of ``state_dict``; called after the model and optimizer are restored."""
 
 
 def iter_params(modules: Sequence[nn.Module]) -> Iterator[nn.Parameter]:

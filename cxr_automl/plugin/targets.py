@@ -67,3 +67,21 @@ def check_boxes(batch: dict[str, Any], num_classes: int) -> list[dict[str, torch
                                   f"0..{num_classes - 1}")
         out.append({"boxes": boxes, "labels": labels})
     return out
+
+
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight pixel boxes of (..., H, W) 0/1 masks (torchvision's ``masks_to_boxes``), xyxy with x2, y2 one
+    past the last pixel (the datasets' box convention), and whether each mask is non-empty (an empty
+    mask's box is all zeros). Shapes: (..., 4) and (...)."""
+    from torchvision.ops import masks_to_boxes
+    flat = masks.reshape(-1, *masks.shape[-2:]).bool()
+    present = flat.flatten(1).any(1)
+    boxes = masks_to_boxes(flat) + present[:, None] * torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+    return boxes.reshape(*masks.shape[:-2], 4), present.reshape(masks.shape[:-2])
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...], eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice of probabilities against 0/1 targets, their products summed over ``dims`` (e.g.
+    (0, 2, 3): per class over the batch's pixels; (2, 3): per image and class); ``eps`` smooths empty masks."""
+    inter = (probs * target).sum(dims)
+    return 1 - (2 * inter + eps) / (probs.sum(dims) + target.sum(dims) + eps)

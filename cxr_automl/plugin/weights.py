@@ -1,4 +1,4 @@
-"""Loading local weight files into a backbone (Ark-style, timm, torchvision, exported encoders)."""
+"""Loading local weight files into a backbone (DDP- or teacher-wrapped, timm, torchvision, exported encoders)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 #: keys under which training scripts commonly nest the state dict, tried in this order
 _WRAPPERS = ("state_dict", "model", "teacher", "student", "module", "backbone", "encoder")
-#: classifier keys that never match an encoder without a classification layer
-_DROP_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "omni_heads.", "projector.", "pooler.")
+#: classifier/projector keys that never match an encoder without such a layer (``load_into``'s default ``drop``;
+#: a backbone whose checkpoints carry other task heads adds their prefixes)
+DROP_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "projector.", "pooler.")
 
 
 class WeightsError(UserError):
@@ -49,8 +50,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_into(module: nn.Module, path: str | Path, strict: bool = False,
               prefixes: tuple[str, ...] = ("module.", "backbone.", "encoder.", "model.", "net."),
               transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-              ) -> tuple[list[str], list[str]]:
-    """Load ``path`` into ``module``, stripping common prefixes and classifier keys; report mismatches.
+              drop: tuple[str, ...] = DROP_PREFIXES) -> tuple[list[str], list[str]]:
+    """Load ``path`` into ``module``, stripping wrapper ``prefixes`` and dropping keys under ``drop`` that
+    ``module`` does not have (classifiers, projectors); report mismatches.
 
     ``transform`` runs on the raw state dict before the prefixes are stripped — for a library's own
     converter of an older key layout (e.g. timm's Swin ``checkpoint_filter_fn``). Returns the missing and
@@ -61,7 +63,7 @@ def load_into(module: nn.Module, path: str | Path, strict: bool = False,
         state = transform(_strip(state, prefixes, module.state_dict()))
     own = module.state_dict()
     cleaned = {k: v for k, v in _strip(state, prefixes, own).items()
-               if not (k.startswith(_DROP_PREFIXES) and k not in own)}
+               if not (k.startswith(tuple(drop)) and k not in own)}
     shape_bad = [k for k, v in cleaned.items() if k in own and own[k].shape != v.shape]
     if shape_bad:
         raise WeightsError(f"{path}: shape mismatch for {', '.join(shape_bad[:5])}"

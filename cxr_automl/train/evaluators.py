@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cxr_automl.plugin.interfaces import DatasetBundle
 from cxr_automl.plugin.targets import check_boxes, check_masks
-from cxr_automl.train.metrics import classification_metrics
+from cxr_automl.train.metrics import classification_metrics, detection_precision_recall
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,18 @@ class ClassificationEvaluator(Evaluator):
 
 
 class SegmentationEvaluator(Evaluator):
-    """Dice and IoU per class and their means over the split (pixels pooled over all images, so an
-    image where a class is absent neither helps nor hurts), with masks thresholded at 0.5.
+    """Dice and IoU per class with masks thresholded at 0.5, in two conventions:
+
+    - ``dice/<class>``, ``iou/<class>``, ``mean_dice``, ``mean_iou``: pixels pooled over the split, so an
+      image where a class is absent neither helps nor hurts. A class absent from both the masks and the
+      predictions of the whole split has no Dice: it is left out of the means (with a warning), never
+      NaN, so a best epoch is still kept and early stopping still sees a number.
+    - ``dice_per_image/<class>``, ``mean_dice_per_image``: Dice per image averaged over the images, an
+      image where the class is absent from both mask and prediction scoring 1 (the SIIM-ACR
+      competition's convention: a correct "nothing here" is a perfect answer).
 
     ``predictions.csv`` holds per-image, per-class Dice; empty where the class is absent from both the
-    mask and the prediction (Dice is undefined there, not 1 or 0).
+    mask and the prediction (Dice is undefined there; the per-image mean counts it as 1).
     """
 
     def __init__(self, class_names: list[str], threshold: float = 0.5):
@@ -115,10 +122,21 @@ class SegmentationEvaluator(Evaluator):
         # with pixels pooled over the split, IoU = TP/(TP+FP+FN) and Dice = 2TP/(2TP+FP+FN) are tied by
         # IoU = Dice / (2 - Dice) exactly, so one library count serves both
         iou = dice / (2 - dice)
-        out = {f"{prefix}/dice/{c}": float(d) for c, d in zip(self.class_names, dice)}
-        out.update({f"{prefix}/iou/{c}": float(v) for c, v in zip(self.class_names, iou)})
-        out[f"{prefix}/mean_dice"] = float(dice.mean())
-        out[f"{prefix}/mean_iou"] = float(iou.mean())
+        out: dict[str, float] = {}
+        scored = ~torch.isnan(dice)  # NaN: no mask and no prediction of that class in the whole split
+        for c, d, v, ok in zip(self.class_names, dice, iou, scored):
+            if ok:
+                out[f"{prefix}/dice/{c}"], out[f"{prefix}/iou/{c}"] = float(d), float(v)
+        if scored.any():
+            out[f"{prefix}/mean_dice"] = float(dice[scored].mean())
+            out[f"{prefix}/mean_iou"] = float(iou[scored].mean())
+        if not scored.all():
+            log.warning("%s: no Dice for %s (absent from every mask and prediction of this split); left out "
+                        "of mean_dice", prefix, ", ".join(c for c, ok in zip(self.class_names, scored) if not ok))
+        if self.per_image:  # SIIM-ACR: empty mask and empty prediction score 1
+            per_image = torch.nan_to_num(torch.cat(self.per_image), nan=1.0).mean(0)
+            out.update({f"{prefix}/dice_per_image/{c}": float(d) for c, d in zip(self.class_names, per_image)})
+            out[f"{prefix}/mean_dice_per_image"] = float(per_image.mean())
         return out
 
     def write(self, run_dir: Path) -> None:
@@ -131,8 +149,10 @@ class SegmentationEvaluator(Evaluator):
 
 
 class DetectionEvaluator(Evaluator):
-    """mAP@0.40 (Foundation X), mAP@0.50 and mAP@0.50:0.95 (COCO protocol, torchmetrics on
-    pycocotools), mean average recall (AR@100) and precision at IoU 0.5 and score 0.5.
+    """mAP@0.50 and mAP@0.50:0.95 (COCO protocol, torchmetrics on pycocotools), mAP at any extra IoU
+    thresholds asked for (``iou_thresholds``), COCO's mean average recall ``recall_100`` (AR@100 over
+    IoU 0.50:0.95), and ``precision_50`` / ``recall_50``: precision and recall of the detections scoring
+    at least 0.5, at IoU 0.5, matched one-to-one by pycocotools (a duplicate of a found box is a false positive).
 
     Predictions are per image ``{"boxes" (K, 4) xyxy in [0, 1], "scores", "labels"}``; they are scaled
     to the image's pixels here. ``predictions.json`` is in COCO results format (xywh pixels, integer
@@ -140,26 +160,28 @@ class DetectionEvaluator(Evaluator):
     format (``file_name`` = our image id), so pycocotools' COCOeval can re-score a run on its own.
     """
 
-    def __init__(self, class_names: list[str], score_threshold: float = 0.5):
+    def __init__(self, class_names: list[str], score_threshold: float = 0.5,
+                 iou_thresholds: tuple[float, ...] = ()):
         super().__init__(class_names)
         from torchmetrics.detection import MeanAveragePrecision
         self.coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        self.at40 = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.4],
-                                         backend="pycocotools")
+        #: mAP at each extra IoU threshold t, reported as ``map_<100·t>`` (e.g. 0.4 → ``map_40``)
+        self.at = {f"map_{round(float(t) * 100):02d}": MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", iou_thresholds=[float(t)], backend="pycocotools")
+            for t in iou_thresholds}
         self.score_threshold = score_threshold
         self.results: list[dict[str, Any]] = []
         self.gt: list[dict[str, Any]] = []
-        self.tp = self.n_pred = 0
 
     def update(self, predictions: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
-        from torchvision.ops import box_iou
         h, w = batch["image"].shape[-2:]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         targets = check_boxes(batch, len(self.class_names))
         preds = [{"boxes": p["boxes"].float() * scale, "scores": p["scores"].float(),
                   "labels": p["labels"].long()} for p in predictions]
         self.coco.update(preds, targets)
-        self.at40.update(preds, targets)
+        for metric in self.at.values():
+            metric.update(preds, targets)
         for image_id, p, t in zip(batch["image_id"], preds, targets):
             index = len(self.ids)
             self.ids.append(image_id)
@@ -167,51 +189,55 @@ class DetectionEvaluator(Evaluator):
             self.gt.extend([{"id": first_id + k, "image_id": index, "category_id": int(c), "iscrowd": 0,
                              "bbox": _xywh(b), "area": (b[2] - b[0]) * (b[3] - b[1])}
                             for k, (b, c) in enumerate(zip(t["boxes"].tolist(), t["labels"].tolist()))])
-            keep = p["scores"] >= self.score_threshold
-            self.n_pred += int(keep.sum())
-            if keep.any() and len(t["boxes"]):
-                same = p["labels"][keep, None] == t["labels"][None, :]
-                self.tp += int(((box_iou(p["boxes"][keep], t["boxes"]) >= 0.5) & same).any(1).sum())
             for box, score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
                 self.results.append({"image_id": index, "category_id": int(label), "bbox": _xywh(box),
                                      "score": round(score, 5)})
         self._hw = (int(h), int(w))
 
     def compute(self, prefix: str) -> dict[str, float]:
-        coco, at40 = self.coco.compute(), self.at40.compute()
-        out = {f"{prefix}/map_40": float(at40["map"]), f"{prefix}/map_50": float(coco["map_50"]),
+        coco = self.coco.compute()
+        precision, recall = detection_precision_recall(self._coco_gt(), self.results, 0.5, self.score_threshold)
+        out = {**{f"{prefix}/{name}": float(m.compute()["map"]) for name, m in self.at.items()},
+               f"{prefix}/map_50": float(coco["map_50"]),
                f"{prefix}/map_50_95": float(coco["map"]), f"{prefix}/recall_100": float(coco["mar_100"]),
-               f"{prefix}/precision_50": self.tp / self.n_pred if self.n_pred else 0.0}
+               f"{prefix}/precision_50": precision, f"{prefix}/recall_50": -1.0 if recall is None else recall}
         # -1 is pycocotools' "no ground truth to score against", not a score
         return {k: v for k, v in out.items() if v >= 0}
 
-    def write(self, run_dir: Path) -> None:
+    def _coco_gt(self) -> dict[str, Any]:
         h, w = getattr(self, "_hw", (0, 0))
-        gt = {"images": [{"id": i, "file_name": n, "height": h, "width": w} for i, n in enumerate(self.ids)],
-              "annotations": self.gt,
-              "categories": [{"id": i, "name": c} for i, c in enumerate(self.class_names)]}
+        return {"images": [{"id": i, "file_name": n, "height": h, "width": w} for i, n in enumerate(self.ids)],
+                "annotations": self.gt,
+                "categories": [{"id": i, "name": c} for i, c in enumerate(self.class_names)]}
+
+    def write(self, run_dir: Path) -> None:
         (Path(run_dir) / "predictions.json").write_text(json.dumps(self.results))
-        (Path(run_dir) / "coco_gt.json").write_text(json.dumps(gt))
+        (Path(run_dir) / "coco_gt.json").write_text(json.dumps(self._coco_gt()))
 
 
 def _xywh(box: list[float]) -> list[float]:
-    return [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
+    """COCO's [x, y, width, height] of an xyxy box (torchvision's ``box_convert``), to 0.01 px."""
+    from torchvision.ops import box_convert
+    return [round(v, 2) for v in box_convert(torch.tensor(box, dtype=torch.float64), "xyxy", "xywh").tolist()]
 
 
 EVALUATORS = {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator,
               "detection": DetectionEvaluator}
 
 
-def evaluator_for(task: str, class_names: list[str]) -> Evaluator:
-    """A fresh evaluator of ``task`` over ``class_names``."""
+def evaluator_for(task: str, class_names: list[str], **options: Any) -> Evaluator:
+    """A fresh evaluator of ``task`` over ``class_names``; ``options`` are its keyword arguments (e.g. a
+    detection evaluator's ``iou_thresholds``)."""
     if task not in EVALUATORS:
         raise ValueError(f"no evaluator for task {task!r}; known tasks: {', '.join(EVALUATORS)}")
-    return EVALUATORS[task](class_names)
+    return EVALUATORS[task](class_names, **options)
 
 
-def make_evaluator(task: str, data: DatasetBundle) -> Evaluator:
-    """The evaluator for a head's task; the loop calls this once per evaluation."""
-    return evaluator_for(task, data.class_names)
+def make_evaluator(task: str, data: DatasetBundle, map_iou_thresholds: tuple[float, ...] = ()) -> Evaluator:
+    """The evaluator for a head's task; the loop calls this once per evaluation with the run's
+    ``trainer.map_iou_thresholds`` (detection only)."""
+    options = {"iou_thresholds": tuple(map_iou_thresholds)} if task == "detection" else {}
+    return evaluator_for(task, data.class_names, **options)
 
 
 class PartsWriter:

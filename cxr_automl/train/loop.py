@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cxr_automl.plugin import registry
-from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, Strategy, predict
+from cxr_automl.plugin.interfaces import DatasetBundle, EpochPlan, predict
+from cxr_automl.plugin.strategy import CustomStep, MultiTask, Pretraining, Strategy, undeclared_hooks
 from cxr_automl.train.evaluators import Evaluator, PartsWriter, evaluator_for, make_evaluator
 from cxr_automl.train.model import CXRModel, build_model
 from cxr_automl.train.runtime import (
@@ -54,7 +55,7 @@ def to_cpu(value: Any) -> Any:
 
 class EpochSampler(torch.utils.data.Sampler):
     """Yields ``(epoch, index)`` in an order seeded by (seed, epoch); ``indices`` restricts an epoch to
-    part of the split (``Strategy.train_indices``), None means all of it."""
+    part of the split (``MultiTask.train_indices``), None means all of it."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -133,19 +134,28 @@ class Trainer:
         self.data: DatasetBundle = registry.build("dataset", d_cfg.pop("name"), **d_cfg)
         s_cfg = dict(self.cfg["strategy"])
         self.strategy: Strategy = registry.build("strategy", s_cfg.pop("name"), **s_cfg)
-        self.data = self.strategy.prepare_data(self.data)  # e.g. several datasets composed into one
+        if undeclared := undeclared_hooks(self.strategy):  # hooks the loop would silently never call
+            raise TypeError(f"strategy {type(self.strategy).__name__} defines {', '.join(undeclared)}: "
+                            "inherit the protocol (cxr_automl.plugin.strategy) so the loop calls them")
+        if isinstance(self.strategy, MultiTask):  # e.g. several datasets composed into one
+            self.data = self.strategy.prepare_data(self.data)
         self.model: CXRModel = build_model(self.cfg["backbone"], self.cfg["head"], self.data)
         self.strategy.setup(self.model, self.data)
         # modules the strategy holds beside the model (an EMA copy made in setup) follow it to the device
         move_held_modules(self.strategy, self.device, self.tc.channels_last)
-        self.strategy.to_device(self.model, self.device)  # default model.to(device); may keep parts off it
+        if isinstance(self.strategy, MultiTask):  # may keep parts (inactive heads) off the device
+            self.strategy.to_device(self.model, self.device)
+        else:
+            self.model.to(self.device)
         if self.tc.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.tc.compile:
             size = self.model.backbone.input_spec.size
             example = self.model.adapter(torch.rand(2, self.data.channels, size, size, device=self.device))
             self.model.backbone = maybe_compile(self.model.backbone, example)
-        self.optimizer = self.strategy.optimizer(self.strategy.param_groups(self.model))
+        groups = self.strategy.param_groups(self.model)
+        self.optimizer = (self.strategy.optimizer(groups) if isinstance(self.strategy, CustomStep)
+                          else torch.optim.AdamW(groups))
         self.steps_per_epoch = max(1, len(self.data.train) // self.tc.batch_size // self.tc.accumulate)
         self.scheduler = make_scheduler(self.optimizer, self.tc, self.steps_per_epoch, self.strategy.epochs)
         self.scaler = self.train_step.scaler()
@@ -177,7 +187,8 @@ class Trainer:
             self.epoch += 1
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
-        self.strategy.export(self.model, self.run_dir)
+        if isinstance(self.strategy, Pretraining):
+            self.strategy.export(self.model, self.run_dir)
         return self.test()
 
     def train_loader(self) -> DataLoader:
@@ -191,7 +202,8 @@ class Trainer:
                 # its own generator: creating iterators must not consume the global RNG that dropout draws from
                 generator=torch.Generator().manual_seed(self.tc.seed))
         self._sampler.epoch = self.epoch
-        indices = self.strategy.train_indices(self.epoch, len(self.data.train))
+        indices = (self.strategy.train_indices(self.epoch, len(self.data.train))
+                   if isinstance(self.strategy, MultiTask) else None)
         self._sampler.indices = None if indices is None else list(indices)
         return self._train_loader
 
@@ -215,7 +227,8 @@ class Trainer:
             batch = {k_: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                      for k_, v in batch.items()}
             with self.train_step.autocast():
-                outputs = self.strategy.forward(self.model, images, batch)
+                outputs = (self.strategy.forward(self.model, images, batch)
+                           if isinstance(self.strategy, CustomStep) else self.model(images))
                 loss = self.strategy.loss(self.model, outputs, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -243,9 +256,9 @@ class Trainer:
         done = self.step - self._epoch_first_step  # steps taken this epoch
         n = max(1, self._epoch_steps)
         # == self.step when every epoch has steps_per_epoch steps (train_indices None)
-        self.scheduler.last_epoch = self.epoch * self.steps_per_epoch + round(done * self.steps_per_epoch / n) - 1
-        self.scheduler.step()
-        self.strategy.after_step(self.model)
+        self.scheduler.set(self.epoch * self.steps_per_epoch + round(done * self.steps_per_epoch / n))
+        if isinstance(self.strategy, CustomStep):
+            self.strategy.after_step(self.model)
 
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -255,10 +268,11 @@ class Trainer:
         model = model if model is not None else self.strategy.eval_model(self.model, self.train_step)
         was_training = model.training
         model.eval()
-        parts = self.strategy.evaluations(model, split)
+        multi = isinstance(self.strategy, MultiTask)
+        parts = self.strategy.evaluations(model, split) if multi else None
         dataset = getattr(self.data, split)
         if parts is None:  # the model's head on the whole split
-            evaluator = make_evaluator(model.head.task, self.data)
+            evaluator = make_evaluator(model.head.task, self.data, self.tc.map_iou_thresholds)
             self._run_evaluation(dataset, evaluator, self._head_predict, model, loader=self._split_loader(split))
             metrics = evaluator.compute(split)
         else:  # the strategy's parts, e.g. every (dataset, task) of a multi-task model
@@ -266,13 +280,14 @@ class Trainer:
             for part in parts:
                 if part.place is not None:
                     part.place(model)
-                evaluator = evaluator_for(part.task, part.class_names)
+                evaluator = evaluator_for(part.task, part.class_names, **part.options)
                 self._run_evaluation(torch.utils.data.Subset(dataset, list(part.indices)), evaluator,
                                      part.predict, model, part.label_columns)
                 metrics.update(evaluator.compute(f"{split}/{part.prefix}"))
                 done.append((part.prefix, evaluator))
             evaluator = PartsWriter(done)
-        metrics.update(self.strategy.summarize(split, metrics))
+        if multi:
+            metrics.update(self.strategy.summarize(split, metrics))
         model.train(was_training)
         return metrics, evaluator
 
@@ -358,7 +373,8 @@ class Trainer:
 
 
 #: trainer keys that may differ between a run and its resumption without changing the result
-_RESUME_FREE = ("trainer.num_workers", "trainer.progress", "trainer.device", "run_dir", "resume")
+_RESUME_FREE = ("trainer.num_workers", "trainer.progress", "trainer.device", "trainer.map_iou_thresholds",  # scoring only
+                "run_dir", "resume")
 
 
 def config_fingerprint(cfg: dict[str, Any]) -> dict[str, str]:

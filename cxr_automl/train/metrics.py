@@ -1,8 +1,11 @@
-"""Task metrics (scikit-learn implementations)."""
+"""Task metrics (scikit-learn and pycocotools implementations)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -33,3 +36,36 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: l
     if missing:
         log.warning("%s: no AUC for %s (no positives or no negatives in this split)", prefix, ", ".join(missing))
     return out, missing
+
+
+def detection_precision_recall(gt: dict[str, Any], results: list[dict[str, Any]], iou: float = 0.5,
+                               score: float = 0.5) -> tuple[float, float | None]:
+    """Precision and recall of the detections scoring at least ``score``, at IoU ``iou``.
+
+    Detections are matched to ground-truth boxes one-to-one by pycocotools' COCOeval (greedy by score,
+    same class, each box matched at most once), so duplicates of one box count once as true positives
+    and the rest as false positives. ``gt`` is a COCO ground-truth dict and ``results`` COCO results
+    (xywh). Precision is 0 without detections; recall is None without ground-truth boxes.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    kept = [r for r in results if r["score"] >= score]
+    n_gt = len(gt["annotations"])
+    if not kept:
+        return 0.0, (0.0 if n_gt else None)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": gt["images"], "annotations": gt["annotations"],
+                           "categories": gt["categories"]}
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes(kept), "bbox")
+        ev.params.iouThrs = np.array([iou])
+        ev.params.areaRng, ev.params.areaRngLbl = [[0, float("inf")]], ["all"]
+        ev.params.maxDets = [len(kept)]  # score threshold, not a per-image cap, decides what counts
+        ev.evaluate()
+    tp = matched = 0
+    for e in ev.evalImgs:
+        if e is not None:
+            tp += int((e["dtMatches"][0] > 0).sum())
+            matched += int((e["gtMatches"][0] > 0).sum())
+    return tp / len(kept), (matched / n_gt if n_gt else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from cxr_automl.plugin import registry
 from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head
+
+log = logging.getLogger(__name__)
 
 
 class InputAdapter(nn.Module):
@@ -70,4 +73,18 @@ def build_model(backbone_cfg: dict[str, Any], head_cfg: dict[str, Any], data: Da
         raise registry.RegistryError(
             f"head {head_cfg['name']!r} does a {head.task} task but dataset gives {data.task} labels; "
             "choose a head for that task")
+    _warn_if_resized(backbone, data, backbone_cfg["name"])
     return CXRModel(backbone, head, data.channels)
+
+
+def _warn_if_resized(backbone: Backbone, data: DatasetBundle, name: str) -> None:
+    """Images decoded at one size and resized to the backbone's fixed input at every step lose (or
+    invent) detail silently; say so once, naming both sizes."""
+    spec = backbone.input_spec
+    if not spec.fixed_size or len(data.train) == 0:
+        return
+    size = tuple(int(s) for s in data.train[0]["image"].shape[-2:])
+    if size != (spec.size, spec.size):
+        log.warning("dataset images are %s px but backbone %r takes %d px: every batch is resized to %d; "
+                    "set dataset.image_size=%d (or leave dataset.image_size unset to follow the backbone)",
+                    "x".join(map(str, size)), name, spec.size, spec.size, spec.size)

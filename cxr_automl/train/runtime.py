@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     progress: bool = True
+    #: extra IoU thresholds at which detection runs report mAP (``map_<100·t>``), besides COCO's 0.50 and
+    #: 0.50:0.95 (default: also mAP@0.40, the threshold CXR localization benchmarks report)
+    map_iou_thresholds: tuple[float, ...] = (0.4,)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainerConfig":
@@ -152,9 +156,12 @@ def fit_threads_to_allocation() -> None:
         torch.set_num_threads(int(cpus))
 
 
-def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoch: int,
-                   epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-optimizer-step LR factor: linear warmup, then cosine / linear / step decay / constant."""
+def lr_factor(tc: TrainerConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """The LR factor at each optimizer step: linear warmup, then cosine / linear / step decay / constant."""
+    if tc.scheduler == "step" and tc.step_epochs >= epochs:
+        logging.getLogger(__name__).warning(
+            "trainer.scheduler=step with trainer.step_epochs=%d never decays in this run's %d epochs; "
+            "set trainer.step_epochs below %d", tc.step_epochs, epochs, epochs)
     total = max(1, steps_per_epoch * epochs)
     warmup = int(round(tc.warmup_epochs * steps_per_epoch))
     floor = tc.min_lr_ratio
@@ -171,7 +178,46 @@ def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoc
             return tc.step_gamma ** (step // max(1, tc.step_epochs * steps_per_epoch))
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
+
+
+class LRSchedule:
+    """Sets every parameter group's ``lr`` to its initial lr × ``factor(position)``: the schedule is one
+    function of the optimizer-step position (as nanoGPT's ``get_lr``), so resuming or skipping to a
+    position is setting it. The initial lr is kept in the group (``initial_lr``, as torch's schedulers
+    do), so it travels with the optimizer's state dict."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
+        self.optimizer, self.factor, self.position = optimizer, factor, 0
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.set(0)
+
+    def set(self, position: int) -> None:
+        """Move to optimizer step ``position`` (0-based) of the whole run."""
+        self.position = int(position)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.factor(self.position)
+
+    def step(self) -> None:
+        self.set(self.position + 1)
+
+    @property
+    def last_epoch(self) -> int:
+        """The position under the name torch's schedulers give it (their "epoch" is a step here)."""
+        return self.position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # checkpoints written with torch's LambdaLR hold its ``last_epoch``: the same position
+        self.position = int(state["position"] if "position" in state else state["last_epoch"])
+
+
+def make_scheduler(opt: torch.optim.Optimizer, tc: TrainerConfig, steps_per_epoch: int, epochs: int) -> LRSchedule:
+    """The run's LR schedule over ``opt`` (see ``lr_factor``)."""
+    return LRSchedule(opt, lr_factor(tc, steps_per_epoch, epochs))
 
 
 def maybe_compile(module: nn.Module, example: torch.Tensor) -> nn.Module:

@@ -54,7 +54,9 @@ class HieraBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         trunk = self.net.backbone(x)
         fpn, _ = self.net.neck(trunk.intermediate_hidden_states)  # low → high resolution
-        return BackboneOutput(pooled=trunk.last_hidden_state.mean(dim=(1, 2)), features=list(fpn[::-1]))
+        last = trunk.last_hidden_state  # NHWC
+        return BackboneOutput(pooled=last.mean(dim=(1, 2)), features=list(fpn[::-1]),
+                              pooled_map=last.permute(0, 3, 1, 2))
 
     def blocks(self) -> Sequence[nn.Module]:
         hiera = self.net.backbone

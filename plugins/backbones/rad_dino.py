@@ -63,7 +63,8 @@ class Dinov2Backbone(Backbone):
             elif scale < 1:
                 fmap = F.max_pool2d(fmap, kernel_size=2, stride=2, ceil_mode=True)
             feats.append(fmap)
-        return BackboneOutput(pooled=last[:, 1:].mean(dim=1), features=feats)
+        return BackboneOutput(pooled=last[:, 1:].mean(dim=1), features=feats,
+                              pooled_map=last[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
 
     def blocks(self) -> Sequence[nn.Module]:
         layers = list(self.net.encoder.layer)

@@ -36,7 +36,7 @@ class TimmResNet(Backbone):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         # timm's index 0 is the stem's output (before the max-pool); 1..4 are layer1..layer4
         x, feats = self.net.forward_intermediates(x, indices=[1, 2, 3, 4])
-        return BackboneOutput(pooled=x.mean(dim=(2, 3)), features=feats)
+        return BackboneOutput(pooled=x.mean(dim=(2, 3)), features=feats, pooled_map=x)
 
     def stage_modules(self) -> Sequence[nn.Module]:
         return [self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4]

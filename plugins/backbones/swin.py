@@ -17,7 +17,7 @@ from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 from torch import nn
 
 from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, InputSpec
-from cxr_automl.plugin.weights import load_into
+from cxr_automl.plugin.weights import DROP_PREFIXES, load_into
 from cxr_automl_plugins.backbones.timm_groups import grouped_blocks
 
 
@@ -44,7 +44,8 @@ class TimmSwin(Backbone):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         # norm=True: the last map is the final LayerNorm's output, as the pooled embedding is
         x, feats = self.net.forward_intermediates(x, norm=True, output_fmt="NCHW")
-        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats)  # x is NHWC
+        return BackboneOutput(pooled=x.mean(dim=(1, 2)), features=feats,  # x is NHWC
+                              pooled_map=x.permute(0, 3, 1, 2))
 
     def blocks(self) -> Sequence[nn.Module]:
         return grouped_blocks(self.net)
@@ -55,7 +56,8 @@ def _build(net: SwinTransformer, image_size: int, weights: str | None, strict: b
     if weights:
         # Ark/Microsoft checkpoints use the original layout (downsample at the end of a stage,
         # relative_position_index saved); timm's own converter maps them to its layout
-        load_into(backbone.net, weights, strict=strict, transform=partial(checkpoint_filter_fn, model=net))
+        load_into(backbone.net, weights, strict=strict, transform=partial(checkpoint_filter_fn, model=net),
+                  drop=(*DROP_PREFIXES, "omni_heads."))  # Ark's per-dataset classification heads
     return backbone
 
 

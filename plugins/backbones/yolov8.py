@@ -59,7 +59,7 @@ class YoloV8Backbone(Backbone):
             x = layer(x)
             saved[layer.i] = x
         feats = [saved[i] for i in self.outputs]
-        return BackboneOutput(pooled=feats[-1].mean(dim=(2, 3)), features=feats)
+        return BackboneOutput(pooled=feats[-1].mean(dim=(2, 3)), features=feats, pooled_map=feats[-1])
 
     def stage_modules(self) -> Sequence[nn.Module]:
         return [self.layers[i] for i in self.outputs]

@@ -17,6 +17,7 @@ import torch
 
 from cxr_automl.config import ConfigError
 from cxr_automl.plugin.interfaces import DatasetBundle
+from cxr_automl.plugin.targets import mask_boxes
 
 SPLITS = ("train", "val", "test")
 
@@ -64,12 +65,10 @@ class StructureSplit(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = dict(self.split[i])
         mask = item["masks"][self.index:self.index + 1]
-        ys, xs = torch.nonzero(mask[0], as_tuple=True)
-        present = len(xs) > 0
-        box = [[float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1]] if present else []
-        item.update(masks=mask, boxes=torch.tensor(box, dtype=torch.float32).reshape(-1, 4),
-                    box_labels=torch.zeros(len(box), dtype=torch.int64),
-                    labels=torch.tensor([float(present)]))
+        boxes, present = mask_boxes(mask)  # (1, 4), (1,)
+        box = boxes[present].float()
+        item.update(masks=mask, boxes=box, box_labels=torch.zeros(len(box), dtype=torch.int64),
+                    labels=torch.tensor([float(present[0])]))
         return item
 
 

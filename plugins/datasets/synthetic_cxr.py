@@ -22,6 +22,7 @@ from filelock import FileLock
 
 from cxr_automl.data.dataset import shift
 from cxr_automl.plugin.interfaces import DatasetBundle
+from cxr_automl.plugin.targets import mask_boxes
 
 GENERATOR_VERSION = 1
 CLASSES = ["nodule", "effusion", "cardiomegaly", "consolidation", "pneumothorax"]
@@ -38,10 +39,11 @@ def _blur(img: np.ndarray) -> np.ndarray:
 
 
 def _box(mask: np.ndarray, cls: int) -> tuple[float, float, float, float, int] | None:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    box, present = mask_boxes(torch.from_numpy(np.ascontiguousarray(mask)))
+    if not bool(present):
         return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1), cls
+    x0, y0, x1, y1 = (float(v) for v in box.tolist())
+    return x0, y0, x1, y1, cls
 
 
 def render(size: int, rng: np.random.Generator, labels: np.ndarray

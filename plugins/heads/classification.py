@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
 
 
 class ClassificationHead(Head):
     """Pooled embedding → logits, multi-label BCE with optional per-class weights and unknown labels."""
 
-    task = "classification"
+    spec = HeadSpec(task="classification")  # the pooled embedding only
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -33,11 +33,13 @@ class ClassificationHead(Head):
         return per_elem.sum() / known.sum().clamp_min(1)
 
 
+@declare_head(ClassificationHead.spec)
 def linear(in_dim: int, num_classes: int, dropout: float = 0.0) -> ClassificationHead:
     """One linear layer on the pooled embedding (a linear probe when the backbone is frozen)."""
     return ClassificationHead(nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, num_classes)))
 
 
+@declare_head(ClassificationHead.spec)
 def mlp(in_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.2) -> ClassificationHead:
     """SPFT's head: LayerNorm → Linear(hidden) → GELU → Dropout → Linear(hidden) → GELU → Linear(C)."""
     return ClassificationHead(nn.Sequential(

@@ -46,8 +46,9 @@ from torchvision.ops import sigmoid_focal_loss
 from transformers import Sam2MaskDecoderConfig, Sam2PromptEncoderConfig
 from transformers.models.sam2.modeling_sam2 import Sam2MaskDecoder, Sam2PromptEncoder
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
-from cxr_automl.plugin.targets import check_masks
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadSpec, declare_head
+from cxr_automl.plugin.targets import check_masks, soft_dice_loss
+from cxr_automl.plugin.targets import mask_boxes as pixel_mask_boxes
 from cxr_automl.plugin.weights import WeightsError
 
 PROMPTS = ("mask_box", "image_box")
@@ -58,15 +59,8 @@ def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tight boxes of (N, C, H, W) 0/1 masks as (N, C, 4) xyxy normalised to [0, 1] (x1, y1 exclusive),
     and (N, C) whether each mask is non-empty; an empty mask's box is the whole image."""
     h, w = masks.shape[-2:]
-    rows, cols = masks.bool().any(-1), masks.bool().any(-2)  # (N, C, H), (N, C, W)
-    present = rows.any(-1)
-    ys = torch.arange(h, device=masks.device)
-    xs = torch.arange(w, device=masks.device)
-    y0 = torch.where(rows, ys, h).amin(-1)
-    y1 = torch.where(rows, ys, -1).amax(-1) + 1
-    x0 = torch.where(cols, xs, w).amin(-1)
-    x1 = torch.where(cols, xs, -1).amax(-1) + 1
-    boxes = torch.stack([x0 / w, y0 / h, x1 / w, y1 / h], -1).float()
+    boxes, present = pixel_mask_boxes(masks)
+    boxes = boxes / torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
     whole = torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
     return torch.where(present[..., None], boxes, whole), present
 
@@ -75,15 +69,9 @@ class Sam2SegHead(Head):
     """Backbone maps → projected SAM2 image features (``forward``); box prompts from the batch → masks
     (``loss`` and ``predict``, the only places that see the batch)."""
 
-    task = "segmentation"
-    min_feature_maps = 3
-    #: ``predict`` needs the batch: the box prompts come from it (see ``cxr_automl.plugin.interfaces.predict``)
-    prompted = True
-
-    @staticmethod
-    def feature_maps_needed(head_cfg: dict[str, Any]) -> int:
-        """Maps the backbone must give for this config (read by ``cxr_automl.plugin.compat`` at compose time)."""
-        return int(head_cfg.get("embed_level", DEFAULT_EMBED_LEVEL)) + 1
+    #: maps 0..embed_level (at least 3); ``predict`` needs the batch: the box prompts come from it
+    spec = HeadSpec(task="segmentation", feature_maps=lambda cfg: max(3, int(cfg["embed_level"]) + 1),
+                    predict_needs_batch=True)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, embed_level: int, hidden: int,
                  decoder_layers: int, heads: int, mlp_dim: int, prompt: str, box_jitter: float,
@@ -166,9 +154,7 @@ class Sam2SegHead(Head):
             target = masks.float()
             focal = sigmoid_focal_loss(logits, target, alpha=self.focal_alpha, gamma=self.focal_gamma,
                                        reduction="none").mean(dim=(2, 3))
-            probs = logits.sigmoid()
-            inter = (probs * target).sum(dim=(2, 3))
-            dice = 1 - (2 * inter + 1) / (probs.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) + 1)
+            dice = soft_dice_loss(logits.sigmoid(), target, dims=(2, 3))  # per image-class pair
             hard = (logits > 0).float()
             hard_inter = (hard * target).sum(dim=(2, 3))
             true_iou = hard_inter / (hard.sum(dim=(2, 3)) + target.sum(dim=(2, 3)) - hard_inter).clamp_min(1)
@@ -204,6 +190,7 @@ def embed_level_sizes(maps: list[torch.Tensor]) -> str:
     return "x".join(str(tuple(m.shape[-2:])) for m in maps)
 
 
+@declare_head(Sam2SegHead.spec)
 def sam2(in_channels: tuple[int, ...], num_classes: int, embed_level: int = DEFAULT_EMBED_LEVEL, hidden: int = 256,
          decoder_layers: int = 2, heads: int = 8, mlp_dim: int = 2048, prompt: str = "mask_box",
          box_jitter: float = 0.1, focal_weight: float = 1.0, dice_weight: float = 1.0, iou_weight: float = 1.0,

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head
-from cxr_automl.plugin.targets import check_masks
-
-
-def soft_dice_loss(logits: torch.Tensor, masks: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per class, pooled over the batch's pixels, then per-class values (N... -> (C,))."""
-    probs = logits.sigmoid()
-    dims = (0, 2, 3)
-    inter = (probs * masks).sum(dims)
-    return 1 - (2 * inter + eps) / (probs.sum(dims) + masks.sum(dims) + eps)
+from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
+from cxr_automl.plugin.targets import check_masks, soft_dice_loss
 
 
 def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes: int, bce_weight: float,
@@ -32,18 +25,36 @@ def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes
     masks = check_masks(batch, num_classes).to(outputs.device, torch.float32)
     logits = F.interpolate(outputs.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
     bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(0, 2, 3))
-    dice = soft_dice_loss(logits, masks)
+    dice = soft_dice_loss(logits.sigmoid(), masks, dims=(0, 2, 3))  # per class, the batch's pixels pooled
     per_class = bce_weight * bce + dice_weight * dice
     if class_weights is not None:
         per_class = per_class * class_weights.to(per_class)
     return per_class.mean()
 
 
-class UperNetSegHead(Head):
+class UperNetClassifier(nn.Module):
+    """The per-dataset part: UperNet's final 1×1 classifier over the fused map, with the head's loss."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int, bce_weight: float, dice_weight: float):
+        super().__init__()
+        self.classifier = classifier
+        self.num_classes, self.bce_weight, self.dice_weight = num_classes, bce_weight, dice_weight
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.classifier(fused)
+
+    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return mask_loss(logits, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
+
+
+class UperNetSegHead(Head, SplittableHead):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
-    task = "segmentation"
-    min_feature_maps = 2
+    spec = HeadSpec(task="segmentation", feature_maps=2)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, hidden: int, pool_scales: tuple[int, ...],
                  dice_weight: float, bce_weight: float):
@@ -64,7 +75,15 @@ class UperNetSegHead(Head):
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(outputs.float())
 
+    def split(self) -> HeadParts:
+        """PSP + FPN fusion to ``hidden`` channels (shared) and the last 1×1 classifier with the loss (per
+        dataset); the head gives its classifier away."""
+        own = UperNetClassifier(self.net.classifier, self.num_classes, self.bce_weight, self.dice_weight)
+        self.net.classifier = nn.Identity()  # the shared part ends at the fused map
+        return HeadParts(shared=self.net, own=own)
 
+
+@declare_head(UperNetSegHead.spec)
 def upernet(in_channels: tuple[int, ...], num_classes: int, hidden: int = 128,
             pool_scales: tuple[int, ...] = (1, 2, 3, 6), dice_weight: float = 1.0,
             bce_weight: float = 1.0) -> UperNetSegHead:

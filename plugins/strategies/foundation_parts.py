@@ -1,12 +1,12 @@
 """Foundation X's model parts around one backbone, and where each part lives.
 
 - classification: one head per dataset (the configured head kind, resized to the dataset's classes);
-- localization: one shared *localization encoder* (the ``dino`` head's ``encoder``: projections +
-  RT-DETR hybrid encoder) and one *localization decoder* per dataset (the ``dino`` head's ``decoder``:
-  query selection, deformable decoder, denoising, Hungarian loss);
-- segmentation: one shared *segmentation decoder* (transformers' ``UperNetHead`` without its last
-  1×1 classifier: PSP + FPN fusion to ``hidden`` channels) and one *segmentation head* per dataset (that
-  1×1 classifier, with the ``upernet`` head's BCE + Dice loss).
+- localization: one shared *localization encoder* and one *localization decoder* per dataset, the two
+  parts of a splittable detection head (``SplittableHead.split``; ``dino``: projections + RT-DETR hybrid
+  encoder, then query selection, deformable decoder, denoising, Hungarian loss);
+- segmentation: one shared *segmentation decoder* and one *segmentation head* per dataset, the parts of a
+  splittable segmentation head (``upernet``: PSP + FPN fusion to ``hidden`` channels, then its last 1×1
+  classifier with BCE + Dice).
 
 Parts are addressed by the schedule's component names (``backbone``, ``loc_encoder``, ``seg_decoder``,
 ``cls_head/<ds>``, ``loc_decoder/<ds>``, ``seg_head/<ds>``). ``Placement`` keeps the parts an epoch
@@ -23,9 +23,7 @@ from torch import nn
 
 from cxr_automl.config import ConfigError
 from cxr_automl.plugin import registry
-from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, Head
-from cxr_automl_plugins.heads.dino import DinoDetHead
-from cxr_automl_plugins.heads.upernet import UperNetSegHead, mask_loss
+from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, Head, HeadParts, SplittableHead, last_maps
 
 
 def resized_head(template: Head, num_classes: int) -> Head:
@@ -41,53 +39,35 @@ def resized_head(template: Head, num_classes: int) -> Head:
     return head
 
 
-class SegmentationHead(nn.Module):
-    """One dataset's segmentation head: UperNet's final 1×1 classifier over the shared decoder's fused
-    map, scored with the ``upernet`` head's loss (per-class BCE + soft Dice)."""
+class FoundationHeads(nn.Module):
+    """Every task part of Foundation X except the backbone, held as ``model.head``. Not a ``Head``: it has
+    no one task, loss or prediction; lock_release trains and evaluates each (dataset, task) path itself
+    (``LockRelease.loss``, ``LockRelease.evaluations``)."""
 
-    def __init__(self, source: UperNetSegHead):
-        super().__init__()
-        self.classifier = source.net.classifier
-        self.num_classes, self.bce_weight, self.dice_weight = source.num_classes, source.bce_weight, source.dice_weight
-
-    def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.classifier(fused)
-
-    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return mask_loss(logits, batch, self.num_classes, self.bce_weight, self.dice_weight)
-
-
-class FoundationHeads(Head):
-    """Every task part of Foundation X except the backbone. ``forward`` (the loop's default path, not
-    used by lock_release's own training and evaluation) gives the classification logits of every
-    dataset with a classification task, concatenated."""
-
-    task = "classification"
-
-    def __init__(self, cls_heads: dict[str, Head], loc_encoder: nn.Module | None, loc_decoders: dict[str, DinoDetHead],
-                 loc_levels: int, seg_decoder: nn.Module | None, seg_heads: dict[str, SegmentationHead]):
+    def __init__(self, cls_heads: dict[str, Head], loc_encoder: nn.Module | None, loc_decoders: dict[str, nn.Module],
+                 loc_parts: HeadParts | None, seg_decoder: nn.Module | None, seg_heads: dict[str, nn.Module],
+                 seg_parts: HeadParts | None):
         super().__init__()
         self.cls_heads = nn.ModuleDict(cls_heads)
         self.loc_encoder = loc_encoder
         self.loc_decoders = nn.ModuleDict(loc_decoders)
-        self.loc_levels = loc_levels
         self.seg_decoder = seg_decoder
         self.seg_heads = nn.ModuleDict(seg_heads)
+        # which backbone maps each shared part reads (plain data; the modules are registered above)
+        self.loc_levels = loc_parts.levels if loc_parts is not None else None
+        self.seg_levels = seg_parts.levels if seg_parts is not None else None
 
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
+        """The classification logits of every dataset with a classification task, concatenated."""
         if not len(self.cls_heads):
             return feats.pooled.new_zeros(len(feats.pooled), 0)
         return torch.cat([h(feats) for h in self.cls_heads.values()], dim=1)
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
-             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError("lock_release computes each task's loss itself (LockRelease.loss)")
-
     def loc_maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
-        return [m.contiguous() for m in feats.features[-self.loc_levels:]]
+        return last_maps(feats, self.loc_levels)
 
     def seg_maps(self, feats: BackboneOutput) -> list[torch.Tensor]:
-        return [m.contiguous() for m in feats.features]
+        return last_maps(feats, self.seg_levels)
 
 
 def class_names(bundle: DatasetBundle, task: str, where: str, dataset: str = "the run's dataset") -> list[str]:
@@ -126,33 +106,32 @@ def build_heads(template: Head, backbone: nn.Module, classes: dict[str, dict[str
                           "num_classes": n}
     cls_heads = {ds: resized_head(template, len(t["cls"])) for ds, t in classes.items() if "cls" in t}
 
-    def per_dataset(task: str, node: dict[str, Any], kind: str, why: str) -> dict[str, Head]:
-        """One ``kind`` head per dataset that has ``task``, sized to its classes."""
+    def per_dataset(task: str, node: dict[str, Any], kind: str, why: str) -> dict[str, HeadParts]:
+        """One head per dataset that has ``task``, sized to its classes and split into its parts."""
         node = dict(node)
         name = node.pop("name", None)
         if not any(task in t for t in classes.values()):
             return {}
-        if name != kind:
-            raise ValueError(f"strategy.{task}_head.name={name!r}: {why}")
-        return {ds: registry.build("head", kind, supplied=supplied(len(t[task])), **node)
-                for ds, t in classes.items() if task in t}
+        parts = {}
+        for ds, t in classes.items():
+            if task in t:
+                try:
+                    head = registry.build("head", name, supplied=supplied(len(t[task])), **node) if name else None
+                except registry.RegistryError as exc:  # which key, then the registry's own line
+                    raise ConfigError(f"strategy.{task}_head.name={name!r}: {exc}") from exc
+                if not isinstance(head, SplittableHead) or head.task != kind:
+                    raise ConfigError(f"strategy.{task}_head.name={name!r}: {why}")
+                parts[ds] = head.split()
+        return parts
 
-    loc_encoder, loc_decoders, levels = None, {}, 0
-    for ds, head in per_dataset("loc", loc_head, "dino", "localization needs the 'dino' head "
-                                "(a shareable encoder and per-dataset decoders)").items():
-        if loc_encoder is None:
-            loc_encoder, levels = head.encoder, head.levels
-        head.encoder = None  # one shared encoder; each dataset keeps the decoder and its loss
-        loc_decoders[ds] = head
-    seg_decoder, seg_heads = None, {}
-    for ds, head in per_dataset("seg", seg_head, "upernet", "segmentation needs the 'upernet' head "
-                                "(a shareable decoder and per-dataset classifiers)").items():
-        if seg_decoder is None:
-            seg_decoder = head.net
-        seg_heads[ds] = SegmentationHead(head)
-    if seg_decoder is not None:
-        seg_decoder.classifier = nn.Identity()  # the fused map; each dataset's classifier is its head
-    return FoundationHeads(cls_heads, loc_encoder, loc_decoders, levels, seg_decoder, seg_heads)
+    # each task's shared part is the first dataset's; every dataset keeps its own part
+    loc = per_dataset("loc", loc_head, "detection", "localization needs a splittable detection head such as "
+                      "'dino' (a shareable encoder and per-dataset decoders)")
+    seg = per_dataset("seg", seg_head, "segmentation", "segmentation needs a splittable segmentation head such "
+                      "as 'upernet' (a shareable decoder and per-dataset classifiers)")
+    first_loc, first_seg = next(iter(loc.values()), None), next(iter(seg.values()), None)
+    return FoundationHeads(cls_heads, first_loc and first_loc.shared, {ds: p.own for ds, p in loc.items()}, first_loc,
+                           first_seg and first_seg.shared, {ds: p.own for ds, p in seg.items()}, first_seg)
 
 
 def component(model: nn.Module, name: str) -> nn.Module:

@@ -32,6 +32,7 @@ from cxr_automl.config import ConfigError
 from cxr_automl.errors import UserError
 from cxr_automl.plugin import registry
 from cxr_automl.plugin.interfaces import BackboneOutput, DatasetBundle, EpochPlan, Evaluation, Strategy
+from cxr_automl.plugin.strategy import CustomStep, MultiTask, PlannedSchedule
 from cxr_automl_plugins.datasets.multi import compose, select_structure
 from cxr_automl_plugins.strategies.foundation_parts import Placement, build_heads, class_names, component, resident
 from cxr_automl_plugins.strategies.student_teacher import CONSISTENCY, Teacher, consistency_loss, mix
@@ -131,7 +132,9 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
 
     With ``lock`` each visit is a Lock epoch (own head only, ``lock_fraction`` of the data) then a
     Release epoch (whole path, all data); classification is locked only with ``lock_classification``
-    (the public code never locks it). Without ``lock`` each visit is one Release epoch.
+    (the public code never locks it). Without ``lock`` the Lock epoch becomes an unlocked one on the
+    same ``lock_fraction`` (whole path trains, no evaluation after it), so Table 10's arms differ only
+    in what is frozen: the same epochs, the same images, the same evaluations and teacher updates.
     """
     if cycles < 1:
         raise ScheduleError(f"strategy.cycles={cycles} must be >= 1")
@@ -142,9 +145,9 @@ def schedule(datasets: Any, cycles: int = 1, lock: bool = True, lock_fraction: f
     for cycle in range(1, cycles + 1):
         for dataset, task in visits:
             path = _path(dataset, task)
-            if lock and (task != "cls" or lock_classification):
-                rows.append(ScheduleRow(len(rows), cycle, dataset, task, lock_fraction, "lock",
-                                        {c: c == path[-1] for c in path}, False, teacher))
+            if task != "cls" or lock_classification:
+                rows.append(ScheduleRow(len(rows), cycle, dataset, task, lock_fraction, "lock" if lock else "release",
+                                        {c: (c == path[-1]) or not lock for c in path}, False, teacher))
             rows.append(ScheduleRow(len(rows), cycle, dataset, task, 1.0, "release",
                                     {c: True for c in path}, True, teacher))
     return rows
@@ -156,7 +159,7 @@ EVAL_TASK = {"cls": "classification", "loc": "detection", "seg": "segmentation"}
 OBJECTIVES = ("mean", "min")
 
 
-class LockRelease(Strategy):
+class LockRelease(Strategy, CustomStep, MultiTask, PlannedSchedule):
     """Follows ``schedule`` epoch by epoch over classification, localization and segmentation."""
 
     head_is_template = True  # the configured head is each dataset's classification head, resized
@@ -177,6 +180,10 @@ class LockRelease(Strategy):
 
     def schedule(self) -> list[ScheduleRow]:
         return list(self.rows)
+
+    def render_schedule(self, rows: list[dict[str, Any]]) -> Any:
+        from cxr_automl_plugins.strategies.lock_release_plan import render
+        return render(rows)
 
     # ------------------------------------------------------------------------------------------ build
     def prepare_data(self, data: DatasetBundle) -> DatasetBundle:
@@ -282,7 +289,7 @@ class LockRelease(Strategy):
             return None, maps, out if task == "loc" else [out]
         if task == "loc":
             memory = heads.loc_encoder(maps)
-            return {"memory": memory}, maps, memory
+            return heads.loc_decoders[ds](memory), maps, memory
         fused = heads.seg_decoder(maps)
         return heads.seg_heads[ds](fused), maps, [fused]
 
@@ -334,7 +341,8 @@ class LockRelease(Strategy):
         return [Evaluation(prefix=f"{ds}/{task}", indices=range(*self.members[ds][split]), task=EVAL_TASK[task],
                            class_names=self.classes[ds][task], predict=functools.partial(self._predict, ds, task),
                            place=functools.partial(self._place_for, ds, task),
-                           label_columns=self.members[ds]["columns"] if task == "cls" else None)
+                           label_columns=self.members[ds]["columns"] if task == "cls" else None,
+                           options={"iou_thresholds": (0.4,)} if task == "loc" else {})  # Table 7's mAP@0.40
                 for ds, task in self.pairs()]
 
     def _place_for(self, ds: str, task: str, model: nn.Module) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.optim import Lars
 from torchvision.transforms import v2
 
 INVARIANCE = ("mse", "sum")
@@ -47,9 +48,13 @@ def covariance(z: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg(z1: torch.Tensor, z2: torch.Tensor, alpha: float, beta: float, gamma: float,
-           std_target: float = 1.0, eps: float = 1e-4, inv_mode: str = "mse") -> dict[str, torch.Tensor]:
-    """Eq. (3)/(4): α·inv(Z,Z') + β·(var(Z)+var(Z')) + γ·(cov(Z)+cov(Z')), and each term.
+           std_target: float = 1.0, eps: float = 1e-4, inv_mode: str = "mse",
+           halve_variance: bool = True) -> dict[str, torch.Tensor]:
+    """Eq. (3)/(4): α·inv(Z,Z') + β·var + γ·(cov(Z)+cov(Z')), and each term.
 
+    ``var`` is (var(Z)+var(Z'))/2 with ``halve_variance`` — VICReg's reference implementation averages
+    the two branches' variance hinges (and sums their covariance terms), and MLVICX takes α, β, γ
+    = 25, 25, 1 from VICReg, tuned for that — or var(Z)+var(Z') as eq. (3) is typeset (2× β in effect).
     Computed in float32 whatever the autocast precision (covariances of 2048-d embeddings overflow
     in float16)."""
     if z1.shape[0] < 2:
@@ -58,6 +63,8 @@ def vicreg(z1: torch.Tensor, z2: torch.Tensor, alpha: float, beta: float, gamma:
     z1, z2 = z1.float(), z2.float()
     inv = invariance(z1, z2, inv_mode)
     var = variance(z1, std_target, eps) + variance(z2, std_target, eps)
+    if halve_variance:
+        var = var / 2
     cov = covariance(z1) + covariance(z2)
     return {"loss": alpha * inv + beta * var + gamma * cov, "inv": inv, "var": var, "cov": cov}
 
@@ -116,6 +123,35 @@ class MLVICXParts(nn.Module):
         local_dim = sum(feature_channels[i] for i in self.levels) * grid * grid
         self.global_expander = expander(embed_dim, expander_dim)
         self.local_expander = expander(local_dim, expander_dim)
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+class WarmupLars(Lars):
+    """timm's LARS with a linear learning-rate warm-up over its first ``warmup_steps`` steps, applied on
+    top of whatever the loop's scheduler sets (the public MLVICX/VICReg recipe: warm-up, then cosine).
+
+    The count lives in the param groups, so it is saved and restored with the optimizer's state."""
+
+    def __init__(self, params, warmup_steps: int = 0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.warmup_steps = max(0, int(warmup_steps))
+        for group in self.param_groups:
+            group.setdefault("warmup_done", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        done = int(self.param_groups[0]["warmup_done"])
+        if done >= self.warmup_steps:
+            return super().step(closure)
+        factor = (done + 1) / self.warmup_steps
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"], group["warmup_done"] = group["lr"] * factor, done + 1
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, lrs):
+                group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------------------------- views

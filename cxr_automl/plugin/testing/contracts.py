@@ -10,9 +10,31 @@ Example (in a third-party plugin's tests)::
 
 from __future__ import annotations
 
+import io
+import json
+
 import torch
 
-from cxr_automl.plugin.interfaces import Backbone, BackboneOutput, DatasetBundle, Head, Strategy, predict
+from cxr_automl.plugin.interfaces import (
+    Backbone,
+    BackboneOutput,
+    DatasetBundle,
+    Head,
+    HeadParts,
+    HeadSpec,
+    SplittableHead,
+    predict,
+)
+from cxr_automl.plugin.strategy import (
+    PROTOCOLS,
+    CustomStep,
+    MultiTask,
+    PlannedSchedule,
+    Pretraining,
+    Strategy,
+    declared,
+    undeclared_hooks,
+)
 from cxr_automl.train.runtime import TrainerConfig
 from cxr_automl.train.step import TrainStep
 
@@ -81,6 +103,30 @@ class HeadContract:
         loss.backward()
         assert all(p.grad is not None for p in head.parameters() if p.requires_grad)
 
+    def test_spec_is_data(self, head: Head) -> None:
+        spec = head.spec
+        assert isinstance(spec, HeadSpec) and head.task == spec.task
+        assert spec.task in ("classification", "detection", "segmentation")
+        if not callable(spec.feature_maps):
+            assert spec.feature_maps >= 0
+
+    def test_split_parts_compute_the_head(self, head: Head, batch: dict) -> None:
+        if not isinstance(head, SplittableHead):
+            return
+        feats = self._feats()
+        parts = head.split()
+        assert isinstance(parts, HeadParts)
+        shared_ids = {id(p) for p in parts.shared.parameters()}
+        assert shared_ids and not shared_ids & {id(p) for p in parts.own.parameters()}, "the parts overlap"
+        out = parts.own(parts.shared(parts.maps(feats)))
+        loss = parts.own.loss(out, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert any(p.grad is not None for p in parts.shared.parameters()), "the loss must reach the shared part"
+        parts.own.eval()
+        with torch.no_grad():
+            assert parts.own.predict(parts.own(parts.shared(parts.maps(feats)))) is not None
+
     def test_predict_is_probability(self, head: Head, batch: dict) -> None:
         head.eval()
         with torch.no_grad():
@@ -118,25 +164,76 @@ class StrategyContract:
 
     def test_hooks_in_order_and_state_roundtrip(self, strategy: Strategy, model: torch.nn.Module,
                                                 data: DatasetBundle) -> None:
-        data = strategy.prepare_data(data)  # a multi-dataset strategy composes; the head is re-sized in setup
+        if isinstance(strategy, MultiTask):  # composes its datasets; the head is re-sized in setup
+            data = strategy.prepare_data(data)
         strategy.setup(model, data)
         groups = strategy.param_groups(model)
         assert groups and all("params" in g and "lr" in g for g in groups)
+        if isinstance(strategy, CustomStep):
+            assert isinstance(strategy.optimizer(groups), torch.optim.Optimizer)
         optimizable = {id(p) for g in groups for p in g["params"]}
+        assert isinstance(strategy.epochs, int) and strategy.epochs >= 1
         for epoch in range(strategy.epochs):
             plan = strategy.plan(epoch, model)
             assert plan.trainable, "some module must train in every epoch"
             assert {id(p) for m in plan.trainable for p in m.parameters()} <= optimizable, \
                 "a trainable parameter is missing from param_groups"
         batch = {"labels": torch.zeros(2, len(data.class_names))}
-        out = strategy.forward(model, torch.rand(2, data.channels, 32, 32), batch)
+        images = torch.rand(2, data.channels, 32, 32)
+        out = strategy.forward(model, images, batch) if isinstance(strategy, CustomStep) else model(images)
         assert torch.isfinite(strategy.loss(model, out, batch))
-        strategy.after_step(model)
+        if isinstance(strategy, CustomStep):
+            strategy.after_step(model)
         step = TrainStep(TrainerConfig(), torch.device("cpu"))  # the run's step: defaults, on the CPU
         assert isinstance(strategy.eval_model(model, step), torch.nn.Module)
         assert strategy.after_epoch(0, model, {strategy.monitor(): 0.5}) in (True, False)
+        assert isinstance(strategy.monitor(), str) and strategy.monitor().startswith("val/")
         state = strategy.state_dict()
         strategy.load_state_dict(state)
+
+    def test_protocol_hooks_are_declared_and_implemented(self, strategy: Strategy) -> None:
+        # a protocol hook on a strategy that does not declare the protocol is never called by the loop
+        assert not undeclared_hooks(strategy), f"declare the protocols of {undeclared_hooks(strategy)}"
+        for proto in declared(strategy):
+            hooks = PROTOCOLS[proto]
+            own = [h for h in hooks if getattr(type(strategy), h) is not getattr(proto, h)]
+            assert own, f"{type(strategy).__name__} declares {proto.__name__} but overrides none of {hooks}"
+            missing = [h for h in getattr(proto, "__abstractmethods__", ()) if h not in own]
+            assert not missing, f"{type(strategy).__name__} declares {proto.__name__} without {missing}"
+
+    def test_multi_task_hooks(self, strategy: Strategy, model: torch.nn.Module, data: DatasetBundle) -> None:
+        if not isinstance(strategy, MultiTask):
+            return
+        data = strategy.prepare_data(data)
+        strategy.setup(model, data)
+        strategy.to_device(model, torch.device("cpu"))
+        n = len(data.train)
+        for epoch in range(strategy.epochs):
+            strategy.plan(epoch, model)
+            indices = strategy.train_indices(epoch, n)
+            assert indices is None or (len(indices) > 0 and all(0 <= int(i) < n for i in indices))
+        parts = strategy.evaluations(model, "test")
+        assert parts is None or all(len(p.indices) and p.task in ("classification", "detection", "segmentation")
+                                    for p in parts)
+        assert isinstance(strategy.summarize("test", {}), dict)
+
+    def test_pretraining_exports(self, strategy: Strategy, model: torch.nn.Module, data: DatasetBundle,
+                                 tmp_path) -> None:
+        if not isinstance(strategy, Pretraining):
+            return
+        strategy.setup(model, data)
+        strategy.export(model, tmp_path)
+        assert any(tmp_path.iterdir()), "export wrote nothing into run_dir"
+
+    def test_planned_schedule_is_data_and_renders(self, strategy: Strategy) -> None:
+        if not isinstance(strategy, PlannedSchedule):
+            return
+        rows = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in strategy.schedule()]
+        assert len(rows) == strategy.epochs, "one schedule row per epoch"
+        json.dumps(rows)  # ``cxr-automl plan --json`` prints them as they are
+        from rich.console import Console
+        console = Console(file=io.StringIO(), width=200)
+        console.print(strategy.render_schedule(rows))
 
 
 class DatasetContract:

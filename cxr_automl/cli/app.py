@@ -109,6 +109,9 @@ def search(ctx: typer.Context,
                                                     "last epoch; auto = 0.125 for it, 0 (off) otherwise "
                                                     "(README: Pruning)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+           max_failures: str = typer.Option("50%", "--max-failures",
+                                            help="Stop when N trials failed, or (P%) once 3 have and they are P% of "
+                                                 "the ended trials; the stop names the most common reason."),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
@@ -140,7 +143,7 @@ def search(ctx: typer.Context,
     metrics feed the pruner; Ctrl-C keeps finished trials and the same command resumes.
     """
     _setup_logging(verbose)
-    from cxr_automl.hpo import pruners
+    from cxr_automl.hpo import failures, pruners
     from cxr_automl.hpo import search as search_mod
     from cxr_automl.hpo import searchspace
     try:
@@ -163,7 +166,8 @@ def search(ctx: typer.Context,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
                                         prune_warmup=warmup,
                                         prune_lookahead=pruners.resolve_prune_lookahead(prune_lookahead, pruner),
-                                        seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
+                                        seed=seed, overrides=tuple(ctx.args), runs_root=runs_root,
+                                        max_failures=str(failures.parse(max_failures)))
         from cxr_automl.hpo.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,

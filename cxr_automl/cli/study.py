@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cxr_automl.hpo import launch, optuna_private, workers
+from cxr_automl.hpo import failures, launch, optuna_private, workers
 from cxr_automl.hpo import search as search_mod
 from cxr_automl.hpo import storage as storage_mod
 from cxr_automl.hpo.summary import epochs_run, print_summary
@@ -37,7 +37,13 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
             f"with: sbatch --array=0-{workers - 1} slurm/worker.sbatch {opts.study_name} {opts.storage}")
         return None
     if launcher == "local":
-        launch.launch_local(spec, workers, root / "workers", opts.n_trials)
+        try:
+            launch.launch_local(spec, workers, root / "workers", opts.n_trials)
+        except RuntimeError:  # the workers stopped on --max-failures: say why in one line, not "exited 2"
+            stop = failures.verdict(optuna.load_study(study_name=opts.study_name, storage=storage))
+            if stop:
+                raise failures.TooManyFailuresError(stop) from None
+            raise
     else:
         jobs = launch.submit_slurm(spec, workers, slurm, root / "slurm")
         # status lists the array's tasks while they wait in the queue

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from cxr_automl import config as config_mod
+from cxr_automl.hpo import failures
 from cxr_automl.hpo import storage as storage_mod
 from cxr_automl.hpo.pruners import make_pruner, make_sampler
 from cxr_automl.hpo.searchspace import SearchSpace, lookup
@@ -41,6 +41,7 @@ class SearchOptions:
     seed: int = 0
     overrides: tuple[str, ...] = ()
     runs_root: Path = Path("runs")
+    max_failures: str = failures.DEFAULT
 
 
 def enqueue_baselines(study: optuna.Study, opts: SearchOptions) -> None:
@@ -82,7 +83,7 @@ def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str
                        "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,
                        "pruner": opts.pruner, "prune_warmup": opts.prune_warmup,
                        "prune_lookahead": opts.prune_lookahead, "seed": opts.seed, "overrides": list(opts.overrides),
-                       "runs_root": str(Path(opts.runs_root).resolve())}.items():
+                       "runs_root": str(Path(opts.runs_root).resolve()), "max_failures": opts.max_failures}.items():
         study.set_user_attr(key, value)
     enqueue_baselines(study, opts)
     return study
@@ -105,7 +106,8 @@ def options_from_study(study_name: str, storage: optuna.storages.BaseStorage, sp
                          pruner=attrs.get("pruner", "median"), prune_warmup=int(attrs.get("prune_warmup", 2)),
                          prune_lookahead=float(attrs.get("prune_lookahead", 0.0)), seed=int(attrs.get("seed", 0)),
                          overrides=(*attrs.get("overrides", ()), *overrides),
-                         runs_root=Path(attrs.get("runs_root", "runs")))
+                         runs_root=Path(attrs.get("runs_root", "runs")),
+                         max_failures=str(attrs.get("max_failures", failures.DEFAULT)))
 
 
 def search(opts: SearchOptions) -> optuna.Study:
@@ -138,7 +140,6 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
     presence = workers.Presence(study, me, interval, getattr(storage, "grace_period", None) or storage_mod.GRACE_PERIOD)
     presence("starting")
     adopted = workers.adopt_own_trial(study, me)
-    failures_in_a_row = 0
     with make_progress() as progress:
         bar = progress.add_task(f"trials ({me})", total=opts.n_trials, completed=n_finished(study), info="")
         while True:
@@ -150,10 +151,10 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                 if status == "done":
                     presence("exited")
                     break
-                if failures_in_a_row >= max(3, opts.n_trials):
-                    progress.console.print("[red]too many failed trials in a row; stopping[/red]")
+                stop = storage_mod.retry(lambda: failures.verdict(study), opts.storage)
+                if stop:  # every worker reads the same rule from the study, so all of them stop
                     presence("exited")
-                    break
+                    raise failures.TooManyFailuresError(stop)
                 if status == "full":  # the rest are running elsewhere; wait in case one dies
                     presence("waiting: the remaining trials run elsewhere")
                     time.sleep(poll_seconds)
@@ -169,8 +170,6 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                     progress.console.print(f"[yellow]trial {trial.number} was declared stale and handed to "
                                            "another worker; moving on[/yellow]")
                     continue
-            state = study.get_trials(deepcopy=False)[trial.number].state
-            failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
             best = _best_value(study)
             progress.update(bar, total=opts.n_trials, completed=n_finished(study),
                             info="" if best is None else f"best {opts.space.metric} {best:.4f}")

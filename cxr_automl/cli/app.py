@@ -95,7 +95,7 @@ def search(ctx: typer.Context,
            storage: Optional[str] = typer.Option(None, "--storage",
                                                  help="Optuna storage URL; default sqlite:///runs/cxr-automl.db"),
            study: Optional[str] = typer.Option(None, "--study", help="Study name; default: the search space name."),
-           sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes"),
+           sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes | nsga2"),
            pruner: str = typer.Option("median", "--pruner", help="median | successive_halving | hyperband | none. On "
                                               "trials of 24+ epochs successive_halving saved the most "
                                               "(README: Benchmarks)."),
@@ -112,6 +112,20 @@ def search(ctx: typer.Context,
            max_failures: str = typer.Option("50%", "--max-failures",
                                             help="Stop when N trials failed, or (P%) once 3 have and they are P% of "
                                                  "the ended trials; the stop names the most common reason."),
+           keep_best: int = typer.Option(3, "--keep-best", min=0,
+                                         help="Complete trials (the best K) that keep best_model.safetensors; "
+                                              "finished trials drop their resume checkpoints."),
+           objective: Optional[str] = typer.Option(None, "--objective",
+                                                   help="Comma-separated objectives, the space's metric first: "
+                                                        "val/macro_auc,cost/device_s is a multi-objective study "
+                                                        "(Pareto front in summary/status/report; pruned on the "
+                                                        "first with --pruner median). NAME:max|min sets a direction."),
+           max_cost: list[str] = typer.Option(None, "--max-cost",
+                                              help="A constraint: DEVICE_SECONDS, or cost/KEY=VALUE (peak_mem_mb, "
+                                                   "params, wall_s...; repeatable); needs --sampler tpe|gp|nsga2."),
+           warm_start: Optional[str] = typer.Option(None, "--warm-start", metavar="STORAGE[:STUDY]",
+                                                    help="Enqueue the best --keep-best trials of another study first "
+                                                         "(params mapped by name, clipped to this space)."),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
@@ -143,7 +157,7 @@ def search(ctx: typer.Context,
     metrics feed the pruner; Ctrl-C keeps finished trials and the same command resumes.
     """
     _setup_logging(verbose)
-    from cxr_automl.hpo import failures, pruners
+    from cxr_automl.hpo import cost, failures, pruners
     from cxr_automl.hpo import search as search_mod
     from cxr_automl.hpo import searchspace
     try:
@@ -167,7 +181,10 @@ def search(ctx: typer.Context,
                                         prune_warmup=warmup,
                                         prune_lookahead=pruners.resolve_prune_lookahead(prune_lookahead, pruner),
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root,
-                                        max_failures=str(failures.parse(max_failures)))
+                                        max_failures=str(failures.parse(max_failures)), keep_best=keep_best,
+                                        objective=objective, max_cost=cost.parse_max_cost(max_cost or ()),
+                                        warm_start=warm_start)
+        opts.objectives(), opts.sampler_for()  # a bad --objective / --max-cost fails before the study exists
         from cxr_automl.hpo.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,

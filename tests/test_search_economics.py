@@ -94,3 +94,36 @@ def test_multi_objective_pruning_applies_the_median_rule_to_the_primary_metric()
     assert not objectives.median_prune(study, {0: 0.1}, warmup=1, maximize=True)  # still warming up
     assert objectives.parse("val/macro_auc,cost/params,test/macro_auc", "val/macro_auc", "maximize") == [
         ("val/macro_auc", "maximize"), ("cost/params", "minimize"), ("test/macro_auc", "maximize")]
+
+
+def test_warm_start_enqueues_the_top_trials_mapped_by_name_and_clipped(in_tmp):
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from cxr_automl.hpo.storage import open_storage
+    src = f"journal:{in_tmp / 'src.log'}"
+    old = optuna.create_study(storage=open_storage(src), study_name="nih", direction="maximize")
+    dists = {"strategy.unfreeze_k": IntDistribution(0, 12), "strategy.lr_backbone": FloatDistribution(1e-5, 1.0, log=True),
+             "strategy.ema_decay": FloatDistribution(0.5, 0.999)}
+    for value, k, lr in ((0.9, 9, 0.5), (0.8, 2, 3e-3), (0.7, 1, 1e-3), (0.6, 0, 1e-4)):
+        old.add_trial(optuna.trial.create_trial(value=value, params={"strategy.unfreeze_k": k, "strategy.lr_backbone": lr,
+                                                                     "strategy.ema_decay": 0.9}, distributions=dists))
+    (in_tmp / "space.yaml").write_text(SPACE)
+    spec = f"journal:{in_tmp / 'new.log'}"
+    run_cli("search", "-s", "space.yaml", "--study", "chexpert", "--storage", spec, "--launcher", "none",
+            "--warm-start", f"{src}:nih", "--warm-start-top", "2", cwd=in_tmp)
+    new = optuna.load_study(study_name="chexpert", storage=open_storage(spec))
+    queued = [t for t in new.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs["fixed_params"] for t in queued] == [  # unfreeze_k 9 clipped to range(0, 4), lr 0.5 to 1e-2; ema_decay dropped
+        {"strategy.unfreeze_k": 4, "strategy.lr_backbone": 1e-2}, {"strategy.unfreeze_k": 2, "strategy.lr_backbone": 3e-3}]
+    assert queued[0].user_attrs["warm_dropped"] == ["strategy.ema_decay"]
+    assert queued[0].user_attrs["warm_clipped"] == ["strategy.unfreeze_k: 9 -> 4", "strategy.lr_backbone: 0.5 -> 0.01"]
+    # creating the study again (a second `search`) does not enqueue them twice
+    run_cli("search", "-s", "space.yaml", "--study", "chexpert", "--storage", spec, "--launcher", "none",
+            "--warm-start", f"{src}:nih", cwd=in_tmp)
+    assert len(optuna.load_study(study_name="chexpert", storage=open_storage(spec)).trials) == 2
+    out = " ".join(run_cli("summary", "--storage", spec, cwd=in_tmp).stdout.split())
+    assert "warm start: 2 trial(s) carried over from study nih" in out
+    assert "trial 0 (waiting) <- nih trial 0 (val/macro_auc 0.9000 there); dropped strategy.ema_decay; clipped" in out
+    bad = run_cli("search", "-s", "space.yaml", "--study", "z", "--storage", spec, "--launcher", "none",
+                  "--warm-start", f"{src}:nope", cwd=in_tmp, check=False)
+    assert bad.returncode == 2 and "no study 'nope' there; it has: nih" in bad.stderr

@@ -124,8 +124,9 @@ def search(ctx: typer.Context,
                                               help="A constraint: DEVICE_SECONDS, or cost/KEY=VALUE (peak_mem_mb, "
                                                    "params, wall_s...; repeatable); needs --sampler tpe|gp|nsga2."),
            warm_start: Optional[str] = typer.Option(None, "--warm-start", metavar="STORAGE[:STUDY]",
-                                                    help="Enqueue the best --keep-best trials of another study first "
-                                                         "(params mapped by name, clipped to this space)."),
+                                                    help="Enqueue the best --warm-start-top trials of another study "
+                                                         "first (params mapped by name, clipped to this space)."),
+           warm_start_top: int = typer.Option(3, "--warm-start-top", min=1),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
@@ -183,7 +184,7 @@ def search(ctx: typer.Context,
                                         seed=seed, overrides=tuple(ctx.args), runs_root=runs_root,
                                         max_failures=str(failures.parse(max_failures)), keep_best=keep_best,
                                         objective=objective, max_cost=cost.parse_max_cost(max_cost or ()),
-                                        warm_start=warm_start)
+                                        warm_start=warm_start, warm_start_top=warm_start_top)
         opts.objectives(), opts.sampler_for()  # a bad --objective / --max-cost fails before the study exists
         from cxr_automl.hpo.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,

@@ -48,6 +48,7 @@ class SearchOptions:
     objective: str | None = None  # "val/macro_auc,cost/device_s": a multi-objective study
     max_cost: dict[str, float] = field(default_factory=dict)  # cost/KEY -> limit (constraints_func)
     warm_start: str | None = None  # STORAGE[:STUDY] whose top trials are enqueued first
+    warm_start_top: int = 3
 
     def objectives(self) -> list[tuple[str, str]]:
         return objectives_mod.parse(self.objective, self.space.metric, self.space.direction)
@@ -108,6 +109,9 @@ def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str
                        "max_cost": opts.max_cost, "warm_start": opts.warm_start}.items():
         study.set_user_attr(key, value)
     enqueue_baselines(study, opts)
+    if opts.warm_start:
+        from cxr_automl.hpo import warmstart
+        warmstart.enqueue(study, opts.warm_start, opts.space.params, opts.warm_start_top)
     return study
 
 

@@ -76,6 +76,9 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
                           for k, v in t.params.items())
         table.add_row(str(t.number), f"{t.values[0]:.4f}", _test_auc(t), t.user_attrs.get("baseline", ""), params)
     console.print(table)
+    from cxr_automl.hpo import warmstart
+    for line in warmstart.describe(study):
+        console.print(line, markup=False)
     failed = [t for t in trials if t.state == TrialState.FAIL and "fail_reason" in t.user_attrs]
     for t in failed[-3:]:
         console.print(f"[yellow]trial {t.number} failed:[/yellow] {t.user_attrs['fail_reason']}")

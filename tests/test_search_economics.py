@@ -37,8 +37,12 @@ def test_disk_after_a_search_holds_only_the_best_k_weight_files(in_tmp):
     best_two = sorted(in_tmp.joinpath(t.user_attrs["run_dir"], "best_model.safetensors").relative_to(in_tmp)
                       for t in complete[:2])
     assert weights == best_two  # no resume checkpoint of a finished trial, no best model beyond the best 2
-    for t in complete:  # every finished trial keeps its metrics and predictions
-        assert {"metrics.json", "predictions.csv", "config.yaml"} <= {p.name for p in (in_tmp / t.user_attrs["run_dir"]).iterdir()}
+    for t in complete:  # every finished trial keeps its metrics, predictions and manifest
+        run_dir = in_tmp / t.user_attrs["run_dir"]
+        assert {"metrics.json", "predictions.csv", "config.yaml", "manifest.json"} <= {p.name for p in run_dir.iterdir()}
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert "search" in manifest["argv"] and manifest["seed"] == 0 and manifest["versions"]["torch"]
+        assert manifest["versions"]["plugin:backbone"].startswith("resnet_tiny from cxr-automl")
     # the exported file loads into the model its config builds
     from cxr_automl.train.checkpoint import load_best_model
     state, config_yaml = load_best_model(in_tmp / best_two[0])
@@ -127,3 +131,18 @@ def test_warm_start_enqueues_the_top_trials_mapped_by_name_and_clipped(in_tmp):
     bad = run_cli("search", "-s", "space.yaml", "--study", "z", "--storage", spec, "--launcher", "none",
                   "--warm-start", f"{src}:nope", cwd=in_tmp, check=False)
     assert bad.returncode == 2 and "no study 'nope' there; it has: nih" in bad.stderr
+
+
+def test_the_manifest_fingerprints_the_dataset_files_and_label_files(tmp_path):
+    import hashlib
+
+    from cxr_automl.train import manifest
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x" * 10)
+    (tmp_path / "labels.csv").write_text("image,label\na.png,1\n")
+    first = manifest.dataset_fingerprint(str(tmp_path))
+    assert first["files"] == 2
+    assert first["label_files"] == {"labels.csv": hashlib.sha256(b"image,label\na.png,1\n").hexdigest()}
+    (tmp_path / "images" / "b.png").write_bytes(b"y")
+    assert manifest.dataset_fingerprint(str(tmp_path))["listing_sha256"] != first["listing_sha256"]
+    assert manifest.git_commit(tmp_path) is None  # not a git checkout

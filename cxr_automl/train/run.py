@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from rich.progress import Progress
 
 from cxr_automl.config import to_yaml
+from cxr_automl.train import manifest
 from cxr_automl.train.callbacks import BestModelWriter, Checkpointer, MetricsLogger, RichProgress
 from cxr_automl.train.loop import Callback, Trainer
 
@@ -24,6 +25,7 @@ def train(cfg: dict[str, Any], run_dir: Path, callbacks: Sequence[Callback] = ()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    manifest.write(cfg, run_dir)
     cbs: list[Callback] = [Checkpointer(resume=bool(cfg.get("resume", True))), MetricsLogger(), BestModelWriter(),
                            *callbacks]
     bar = RichProgress(progress, label) if progress is not None and cfg["trainer"].get("progress", True) else None

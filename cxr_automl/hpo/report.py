@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.colors import qualitative
 
-from cxr_automl.hpo import objectives
+from cxr_automl.hpo import objectives, stats
 from cxr_automl.hpo.summary import epochs_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -135,6 +135,59 @@ def pareto(study: optuna.Study) -> go.Figure | None:
     return fig.update_layout(title=f"Pareto front: {study.study_name}")
 
 
+def per_class_heatmap(studies: list[optuna.Study]) -> go.Figure | None:
+    """Studies × classes: each best trial's per-class test AUC (from its ``metrics`` user attr)."""
+    rows = {}
+    for s in studies:
+        best = _best(s)
+        metrics = (best.user_attrs.get("metrics") or {}) if best is not None else {}
+        per = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("test/auc/")}
+        if per:
+            rows[s.study_name] = per
+    if not rows:
+        return None
+    classes = sorted({c for per in rows.values() for c in per})
+    z = [[per.get(c) for c in classes] for per in rows.values()]
+    fig = go.Figure(go.Heatmap(z=z, x=classes, y=list(rows), colorscale="Viridis", zmin=0.5, zmax=1.0,
+                               text=[["" if v is None else f"{v:.3f}" for v in row] for row in z],
+                               texttemplate="%{text}", colorbar={"title": "AUC"}))
+    return fig.update_layout(title="Per-class test AUC heatmap (best trial of each study)")
+
+
+def _statistics(studies: list[optuna.Study]) -> str:
+    """Bootstrap 95 % CIs of each best trial's test macro AUC, and paired bootstraps between studies."""
+    preds = {}
+    for s in studies:
+        best = _best(s)
+        pred = stats.load(best.user_attrs.get("run_dir", "")) if best is not None and best.user_attrs.get("run_dir") else None
+        if pred is not None:
+            preds[s.study_name] = (best, pred)
+    if not preds:
+        return ""
+    rows = []
+    for name, (best, pred) in preds.items():
+        ci = stats.bootstrap_ci(pred)
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>#{best.number}</td><td>{ci.n}</td>"
+                    f"<td class='ci' data-study='{html.escape(name)}' data-value='{ci.value:.4f}' "
+                    f"data-low='{ci.low:.4f}' data-high='{ci.high:.4f}'>{ci.value:.4f} [{ci.low:.4f}, {ci.high:.4f}]</td></tr>")
+    out = ("<h2>Test macro AUC with 95 % bootstrap confidence intervals</h2><table><thead><tr><th>study</th>"
+           "<th>best trial</th><th>test images</th><th>macro AUC [95 % CI]</th></tr></thead><tbody>"
+           + "".join(rows) + "</tbody></table>")
+    names, pairs = list(preds), []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            res = stats.paired_bootstrap(preds[a][1], preds[b][1])
+            if res is not None:
+                pairs.append(f"<tr><td>{html.escape(a)} − {html.escape(b)}</td><td>{res.n}</td>"
+                             f"<td class='paired' data-low='{res.low:.4f}' data-high='{res.high:.4f}'>"
+                             f"{res.difference:+.4f} [{res.low:+.4f}, {res.high:+.4f}]</td><td>{res.p_value:.3f}</td></tr>")
+    if pairs:
+        out += ("<h3>Paired bootstrap on the shared test images</h3><table><thead><tr><th>difference</th>"
+                "<th>shared images</th><th>macro AUC difference [95 % CI]</th><th>p (two-sided)</th></tr></thead>"
+                "<tbody>" + "".join(pairs) + "</tbody></table>")
+    return out + f"<p>{stats.N_RESAMPLES} bootstrap resamples of the test images (percentile intervals, seed {stats.SEED}).</p>"
+
+
 def _metric(studies: list[optuna.Study]) -> str:
     return next((s.user_attrs["metric"] for s in studies if s.user_attrs.get("metric")), "objective")
 
@@ -160,7 +213,7 @@ def _summary_table(studies: list[optuna.Study]) -> str:
 def build(studies: list[optuna.Study], title: str = "cxr-automl study comparison") -> str:
     """The whole page as one HTML string; plotly.js is inlined once, so it opens offline."""
     figs: list[Any] = [best_values(studies), histories(studies), importances(studies), learning_curves(studies),
-                       per_class_auc(studies), *(pareto(s) for s in studies), *(parallel(s) for s in studies)]
+                       per_class_auc(studies), per_class_heatmap(studies), *(pareto(s) for s in studies), *(parallel(s) for s in studies)]
     parts, first = [], True
     for fig in figs:
         if fig is None:
@@ -173,6 +226,7 @@ def build(studies: list[optuna.Study], title: str = "cxr-automl study comparison
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{_summary_table(studies)}"
+            f"{_statistics(studies)}"
             + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
 
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from cxr_automl.hpo import lifecycle, objectives
+from cxr_automl.hpo import lifecycle, objectives, stats
 from cxr_automl.hpo.objectives import curve
 from cxr_automl.hpo.searchspace import format_value
 
@@ -96,12 +96,18 @@ def print_summary(study: optuna.Study, opts: "SearchOptions", top: int = 5) -> N
     console.print(f"{'best':>14}: val {best.values[0]:.4f}  test {_test_auc(best) or '-'}  (trial {best.number})")
     run_dir = best.user_attrs.get("run_dir", "")
     model = lifecycle.best_model_path(best)
+    pred = stats.load(run_dir) if run_dir else None
+    ci = stats.bootstrap_ci(pred) if pred is not None else None
+    if ci is not None:
+        console.print(f"{'':>14}  test macro AUC {ci.value:.4f}, 95% bootstrap CI [{ci.low:.4f}, {ci.high:.4f}] "
+                      f"over {ci.n} test images")
     overrides = [*opts.space.overrides, *opts.overrides, *(f"{k}={format_value(v)}" for k, v in best.params.items())]
     out = opts.runs_root / opts.study_name / "summary.json"
     text = json.dumps({"study": study.study_name, "storage": opts.storage, "metric": opts.space.metric,
                        "best_trial": best.number, "best_value": best.values[0], "best_params": best.params,
                        "best_run_dir": run_dir,
-                       "best_model": str(model) if model else None, "baselines": {n: t.values[0] for n, t in base.items()},
+                       "best_model": str(model) if model else None,
+                       "best_test_macro_auc_ci95": None if ci is None else [ci.low, ci.high], "baselines": {n: t.values[0] for n, t in base.items()},
                        "pareto_front": [{"trial": t.number, "values": t.values} for t in front],
                        "reproduce": "cxr-automl train " + shlex.join(overrides)}, indent=2)
     try:  # `cxr-automl summary` may run where the search's runs root is not writable

@@ -53,7 +53,8 @@ def train(ctx: typer.Context,
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Train one run into a run directory (re-running the same run_dir resumes it).
 
-    Writes config.yaml, last.ckpt, metrics.json, metrics.jsonl and predictions.csv (or predictions.json).
+    Writes config.yaml, manifest.json, last.ckpt, best_model.safetensors, metrics.json, metrics.jsonl and
+    predictions.csv (or predictions.json).
 
     Example: [bold]cxr-automl train strategy=finetune strategy.unfreeze_k=0 run_dir=runs/probe[/bold]
     (re-running with the same run_dir resumes from its last checkpoint).

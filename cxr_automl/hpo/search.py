@@ -200,7 +200,10 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                                            "another worker; moving on[/yellow]")
                     continue
             try:  # bounded disk: resume files of an ended trial, best models beyond the best K
-                storage_mod.retry(lambda: lifecycle.tidy(study, trial.number), opts.storage)
+                freed = storage_mod.retry(lambda: lifecycle.tidy(study, trial.number), opts.storage)
+                if freed:
+                    log.info("trial %d ended: removed %s of checkpoints it no longer needs", trial.number,
+                             lifecycle.human(freed))
             except OSError as exc:
                 log.warning("could not tidy trial %d's run dir: %s", trial.number, exc)
             best = _best_value(study)

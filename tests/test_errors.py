@@ -55,6 +55,7 @@ def test_a_trial_with_a_bad_plugin_name_fails_alone_and_the_search_goes_on(in_tm
     assert "trial 0 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_search_whose_bad_weights_path_fails_every_trial_stops_at_max_failures_with_the_common_reason(in_tmp):
     (in_tmp / "space.yaml").write_text(
         "metric: val/macro_auc\noverrides: [strategy=spft]\nparams:\n"

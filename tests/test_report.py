@@ -214,6 +214,7 @@ def _predictions(run_dir: Path, ids: list[str], labels, probs) -> None:
             fh.write(",".join([image_id, *(str(int(v)) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]) + "\n")
 
 
+@pytest.mark.slow
 def test_report_statistics_bootstrap_cis_paired_test_and_heatmap_in_chromium(in_tmp):
     import numpy as np
     from sklearn.metrics import roc_auc_score

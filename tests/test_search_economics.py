@@ -100,6 +100,7 @@ def test_multi_objective_pruning_applies_the_median_rule_to_the_primary_metric()
         ("val/macro_auc", "maximize"), ("cost/params", "minimize"), ("test/macro_auc", "maximize")]
 
 
+@pytest.mark.slow
 def test_warm_start_enqueues_the_top_trials_mapped_by_name_and_clipped(in_tmp):
     from optuna.distributions import FloatDistribution, IntDistribution
 

@@ -36,3 +36,30 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
 def test_unknown_plugin_lists_known_names():
     with pytest.raises(RegistryError, match=r"unknown head 'nope'; known heads: .*linear, mlp"):
         config.compose(["head=nope"])
+
+
+def test_values_are_checked_against_the_factory_types_before_anything_builds():
+    # the expected types come from spft's signature and TrainerConfig's fields, not from a list
+    with pytest.raises(config.ConfigError) as info:
+        config.compose(["strategy.epochs=abc", "strategy.lr_head=fast"])
+    assert str(info.value) == ("wrong type: strategy.epochs='abc' (needs an integer), "
+                               "strategy.lr_head='fast' (needs a number)")
+    with pytest.raises(config.ConfigError, match=r"trainer.batch_size=2.5 \(needs an integer\)"):
+        config.compose(["trainer.batch_size=2.5"])
+    with pytest.raises(config.ConfigError, match=r"trainer.channels_last='yes' \(needs true/false\)"):
+        config.compose(["trainer.channels_last=yes"])
+    # an int where a float is declared, a number for a string option, null where the default is None
+    cfg = config.compose(["strategy.lr_head=1", "trainer.precision=16", "trainer.grad_clip=null"])
+    assert cfg["strategy"]["lr_head"] == 1 and cfg["trainer"]["precision"] == 16
+
+
+def test_the_type_of_an_unannotated_option_is_its_default():
+    from cxr_automl.config import types
+
+    def factory(epochs=3, name: str = "x", rate: "float | None" = None, obj=None):  # noqa: ANN001
+        return None
+    import inspect
+    kinds = types.factory_kinds(factory, dict(inspect.signature(factory).parameters))
+    assert kinds["epochs"] == {int} and "obj" not in kinds and kinds["rate"] == {float, type(None)}
+    assert types.mismatches("s", {"epochs": "many", "rate": None, "obj": "anything"}, kinds) == \
+        ["s.epochs='many' (needs an integer)"]

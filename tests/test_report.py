@@ -204,3 +204,60 @@ def test_status_watch_refreshes_until_the_study_holds_its_target(in_tmp):
     assert "5/5" in "".join(seen) and "; done" in "".join(seen)
     bad = run_cli("status", "--storage", spec, "--watch", "-1", cwd=in_tmp, check=False)
     assert bad.returncode == 2 and "--watch -1" in bad.stderr
+
+
+def _predictions(run_dir: Path, ids: list[str], labels, probs) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "predictions.csv", "w") as fh:
+        fh.write(",".join(["image_id", *(f"label:{c}" for c in CLASSES), *(f"prob:{c}" for c in CLASSES)]) + "\n")
+        for i, image_id in enumerate(ids):
+            fh.write(",".join([image_id, *(str(int(v)) for v in labels[i]), *(f"{p:.6f}" for p in probs[i])]) + "\n")
+
+
+@pytest.mark.slow
+def test_report_statistics_bootstrap_cis_paired_test_and_heatmap_in_chromium(in_tmp):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from cxr_automl.hpo.storage import open_storage
+    spec = f"journal:{in_tmp / 'studies.log'}"
+    storage = open_storage(spec)
+    rng = np.random.default_rng(1)
+    ids = [f"img{i:03d}" for i in range(120)]
+    labels = (rng.random((120, len(CLASSES))) < 0.4).astype(float)
+    preds = {}
+    for name, seed, signal in (("spft", 0, 1.2), ("finetune", 1, 0.6)):
+        _fill(storage, name, seed)
+        best = optuna.load_study(study_name=name, storage=storage).best_trial
+        run_dir = in_tmp / best.user_attrs["run_dir"]
+        probs = 1 / (1 + np.exp(-(signal * (labels * 2 - 1) + rng.normal(size=labels.shape))))
+        _predictions(run_dir, ids, labels, probs)
+        preds[name] = probs
+    out = in_tmp / "report.html"
+    run_cli("report", "--storage", spec, "--out", str(out), cwd=in_tmp)
+    dom = _dump_dom(in_tmp, out.as_uri()).stdout  # no console error
+    assert "Per-class test AUC heatmap" in dom and "Paired bootstrap on the shared test images" in dom
+
+    def macro(lab, prob):
+        return np.mean([roc_auc_score(lab[:, c], prob[:, c]) for c in range(lab.shape[1]) if 0 < lab[:, c].sum() < len(lab)])
+    import re
+    cells = {m[0]: (float(m[1]), float(m[2]), float(m[3])) for m in re.findall(
+        r"data-study=\"(\w+)\" data-value=\"([\d.]+)\" data-low=\"([\d.]+)\" data-high=\"([\d.]+)\"", dom)}
+    assert set(cells) == {"spft", "finetune"}
+    boot = np.random.default_rng(123)  # an independent bootstrap: different resamples, same distribution
+    for name, probs in preds.items():
+        value, low, high = cells[name]
+        assert abs(value - macro(labels, probs)) < 1e-3
+        draws = [macro(labels[i], probs[i]) for i in (boot.integers(0, 120, 120) for _ in range(2000))]
+        ref_low, ref_high = np.percentile(draws, [2.5, 97.5])
+        assert abs(low - ref_low) < 0.02 and abs(high - ref_high) < 0.02, (name, low, high, ref_low, ref_high)
+        assert low < value < high
+    paired = re.search(r"class=\"paired\" data-low=\"([-\d.]+)\" data-high=\"([-\d.]+)\"", dom)
+    assert float(paired[1]) > 0  # spft's stronger signal wins on the same images: the CI excludes 0
+    chromium, flags = _chromium(in_tmp)
+    shot = in_tmp / "stats.png"
+    subprocess.run([chromium, *flags, "--window-size=1280,1400", f"--screenshot={shot}", out.as_uri()],
+                   capture_output=True, text=True, timeout=180)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("CXR_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["CXR_KEEP_SCREENSHOT"])

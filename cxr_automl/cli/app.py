@@ -53,7 +53,8 @@ def train(ctx: typer.Context,
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Train one run into a run directory (re-running the same run_dir resumes it).
 
-    Writes config.yaml, last.ckpt, metrics.json, metrics.jsonl and predictions.csv (or predictions.json).
+    Writes config.yaml, manifest.json, last.ckpt, best_model.safetensors, metrics.json, metrics.jsonl and
+    predictions.csv (or predictions.json).
 
     Example: [bold]cxr-automl train strategy=finetune strategy.unfreeze_k=0 run_dir=runs/probe[/bold]
     (re-running with the same run_dir resumes from its last checkpoint).
@@ -98,7 +99,7 @@ def search(ctx: typer.Context,
            storage: Optional[str] = typer.Option(None, "--storage",
                                                  help="Optuna storage URL; default sqlite:///runs/cxr-automl.db"),
            study: Optional[str] = typer.Option(None, "--study", help="Study name; default: the search space name."),
-           sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes"),
+           sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | qmc | gp | cmaes | nsga2"),
            pruner: str = typer.Option("median", "--pruner", help="median | successive_halving | hyperband | none. On "
                                               "trials of 24+ epochs successive_halving saved the most "
                                               "(README: Benchmarks)."),
@@ -112,6 +113,24 @@ def search(ctx: typer.Context,
                                                     "last epoch; auto = 0.125 for it, 0 (off) otherwise "
                                                     "(README: Pruning)."),
            seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+           max_failures: str = typer.Option("50%", "--max-failures",
+                                            help="Stop when N trials failed, or (P%) once 3 have and they are P% of "
+                                                 "the ended trials; the stop names the most common reason."),
+           keep_best: int = typer.Option(3, "--keep-best", min=0,
+                                         help="Complete trials (the best K) that keep best_model.safetensors; "
+                                              "finished trials drop their resume checkpoints."),
+           objective: Optional[str] = typer.Option(None, "--objective",
+                                                   help="Comma-separated objectives, the space's metric first: "
+                                                        "val/macro_auc,cost/device_s is a multi-objective study "
+                                                        "(Pareto front in summary/status/report; pruned on the "
+                                                        "first with --pruner median). NAME:max|min sets a direction."),
+           max_cost: list[str] = typer.Option(None, "--max-cost",
+                                              help="A constraint: DEVICE_SECONDS, or cost/KEY=VALUE (peak_mem_mb, "
+                                                   "params, wall_s...; repeatable); needs --sampler tpe|gp|nsga2."),
+           warm_start: Optional[str] = typer.Option(None, "--warm-start", metavar="STORAGE[:STUDY]",
+                                                    help="Enqueue the best --warm-start-top trials of another study "
+                                                         "first (params mapped by name, clipped to this space)."),
+           warm_start_top: int = typer.Option(3, "--warm-start-top", min=1),
            launcher: str = typer.Option("local", "--launcher",
                                         help="local (N processes here) | slurm (one array job of N tasks) | "
                                              "none (create the study only, for slurm/worker.sbatch)"),
@@ -153,7 +172,7 @@ def search(ctx: typer.Context,
     metrics feed the pruner; Ctrl-C keeps finished trials and the same command resumes.
     """
     _setup_logging(verbose)
-    from cxr_automl.hpo import pruners
+    from cxr_automl.hpo import cost, failures, pruners
     from cxr_automl.hpo import search as search_mod
     from cxr_automl.hpo import searchspace
     try:
@@ -179,7 +198,11 @@ def search(ctx: typer.Context,
                                         study_name=study or space.name, sampler=sampler, pruner=pruner,
                                         prune_warmup=warmup,
                                         prune_lookahead=pruners.resolve_prune_lookahead(prune_lookahead, pruner),
-                                        seed=seed, overrides=tuple(ctx.args), runs_root=runs_root)
+                                        seed=seed, overrides=tuple(ctx.args), runs_root=runs_root,
+                                        max_failures=str(failures.parse(max_failures)), keep_best=keep_best,
+                                        objective=objective, max_cost=cost.parse_max_cost(max_cost or ()),
+                                        warm_start=warm_start, warm_start_top=warm_start_top)
+        opts.objectives(), opts.sampler_for()  # a bad --objective / --max-cost fails before the study exists
         from cxr_automl.hpo.launch import SlurmOptions
         slurm = SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
                              cpus_per_task=slurm_cpus_per_task, mem=slurm_mem, time=slurm_time, account=slurm_account,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cxr_automl.hpo import launch, optuna_private, workers
+from cxr_automl.hpo import failures, launch, lifecycle, objectives, optuna_private, workers
 from cxr_automl.hpo import search as search_mod
 from cxr_automl.hpo import storage as storage_mod
 from cxr_automl.hpo.summary import epochs_run, print_summary
@@ -38,7 +38,13 @@ def create_and_launch(opts: search_mod.SearchOptions, launcher: str, workers: in
             f"with: sbatch --array=0-{workers - 1} slurm/worker.sbatch {opts.study_name} {opts.storage}")
         return None
     if launcher == "local":
-        launch.launch_local(spec, workers, root / "workers", opts.n_trials, gpus=gpus)
+        try:
+            launch.launch_local(spec, workers, root / "workers", opts.n_trials, gpus=gpus)
+        except RuntimeError:  # the workers stopped on --max-failures: say why in one line, not "exited 2"
+            stop = failures.verdict(optuna.load_study(study_name=opts.study_name, storage=storage))
+            if stop:
+                raise failures.TooManyFailuresError(stop) from None
+            raise
     else:
         jobs = launch.submit_slurm(spec, workers, slurm, root / "slurm")
         # status lists the array's tasks while they wait in the queue
@@ -65,15 +71,20 @@ def study_status(storage: optuna.storages.BaseStorage, name: str) -> dict[str, A
                            "workers": live,
                            "stale_running": len(stale), "metric": study.user_attrs.get("metric"),
                            "epochs": dict(zip(("run", "all_to_end"), epochs_run(trials)))}
+    root = Path(study.user_attrs.get("runs_root", "runs")) / name
+    out["disk"] = {"path": str(root), **lifecycle.disk_usage(root)}
     if study.user_attrs.get("slurm_jobs"):
         jobs = study.user_attrs["slurm_jobs"]
         out["slurm"] = {"jobs": jobs, "squeue": launch.queued_tasks(jobs)}  # array jobs search submitted
-    try:
-        best = study.best_trial
-        out["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                       "run_dir": best.user_attrs.get("run_dir")}
-    except ValueError:
-        out["best"] = None
+    best = objectives.best_trial(study)  # by the primary objective
+    out["best"] = None
+    if best is not None:
+        model = lifecycle.best_model_path(best)
+        out["best"] = {"number": best.number, "value": best.values[0], "params": best.params,
+                       "run_dir": best.user_attrs.get("run_dir"), "best_model": str(model) if model else None}
+    if objectives.is_multi(study):
+        out["objectives"] = objectives.names(study)
+        out["pareto_front"] = [{"number": t.number, "values": t.values} for t in objectives.pareto_front(study)]
     return out
 
 
@@ -92,15 +103,25 @@ def _open_existing(spec: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
 
 def _status_table(spec: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"studies in {spec}")
-    for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "epochs (to end)", "live workers", "best"):
+    for col in ("study", "finished/target", "running", "waiting", "failed", "pruned", "epochs (to end)", "live workers",
+                "best", "disk (weights)"):
         table.add_column(col, overflow="fold")
     for r in rows:
         s = r["states"]
         best = "-" if r["best"] is None else f"{r['best']['value']:.4f} (trial {r['best']['number']})"
+        if r.get("pareto_front"):
+            best += "\npareto: " + ", ".join(f"#{p['number']} (" + ", ".join(f"{v:.4g}" for v in p["values"]) + ")"
+                                            for p in r["pareto_front"])
         table.add_row(r["study"], f"{r['finished']}/{r['target']}", str(s["running"]), str(s["waiting"]),
                       str(s["fail"]), str(s["pruned"]), f"{r['epochs']['run']} ({r['epochs']['all_to_end']})",
-                      "\n".join([*(f"{w} ({what})" for w, what in r["workers"].items()), *_queue_line(r)]) or "-", best)
+                      "\n".join([*(f"{w} ({what})" for w, what in r["workers"].items()), *_queue_line(r)]) or "-", best,
+                      _disk_cell(r["disk"]))
     return table
+
+
+def _disk_cell(disk: dict[str, Any]) -> str:
+    return (f"{lifecycle.human(disk['bytes'])} ({lifecycle.human(disk['weight_bytes'])} in {disk['weight_files']} "
+            f"files)")
 
 
 def _done(rows: list[dict[str, Any]]) -> bool:

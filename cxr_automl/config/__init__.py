@@ -101,6 +101,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), check_task: bool = True
         _check_component(group, plain[group])
         if group == "dataset":
             _follow_backbone_size(plain)
+    _check_types(plain)
+    for group in GROUPS:
         _fill_defaults(group, plain[group])
     from cxr_automl.plugin.compat import check_config  # backbone × head × dataset task, before building
     reason = check_config(plain) if check_task else None
@@ -203,6 +205,19 @@ def _check_component(group: str, node: dict[str, Any]) -> None:
         options = [k for k in params if k not in SUPPLIED]
         raise ConfigError(f"{group} {node['name']!r} has no option {', '.join(unknown)}; "
                           f"its options: {', '.join(options)}")
+
+
+def _check_types(plain: dict[str, Any]) -> None:
+    """Every value against the type its factory (or ``TrainerConfig``) declares: one line naming them all."""
+    from cxr_automl.config import types
+    from cxr_automl.train.runtime import TrainerConfig
+    bad = types.mismatches("trainer", plain.get("trainer") or {}, types.dataclass_kinds(TrainerConfig))
+    for group in GROUPS:
+        factory = registry.load(group, plain[group]["name"])
+        node = {k: v for k, v in plain[group].items() if k != "name"}
+        bad += types.mismatches(group, node, types.factory_kinds(factory, registry.factory_params(factory)))
+    if bad:
+        raise ConfigError(f"wrong type: {', '.join(bad)}")
 
 
 def _fill_defaults(group: str, node: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, Callable
 
 import optuna
 
@@ -12,14 +13,24 @@ from cxr_automl.errors import UserError
 from cxr_automl.plugin import registry
 from cxr_automl.hpo.searchspace import SearchSpace
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+#: samplers that take Optuna's ``constraints_func`` (``--max-cost``)
+CONSTRAINED = ("tpe", "gp", "nsga2")
+
+
+def make_sampler(name: str, seed: int, constraints_func: Callable[..., Any] | None = None
+                 ) -> optuna.samplers.BaseSampler:
+    c = {"constraints_func": constraints_func} if constraints_func is not None else {}
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, **c),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                 "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
-                "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}
+                "gp": lambda: optuna.samplers.GPSampler(seed=seed, **c),
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, **c)}
     if name not in samplers:
         raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(samplers)}")
+    if c and name not in CONSTRAINED:
+        raise ValueError(f"--max-cost needs a sampler that takes constraints: --sampler {' | '.join(CONSTRAINED)} "
+                         f"(not {name})")
     return samplers[name]()
 
 

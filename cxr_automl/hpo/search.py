@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from cxr_automl import config as config_mod
+from cxr_automl.hpo import cost as cost_mod
+from cxr_automl.hpo import failures, lifecycle
+from cxr_automl.hpo import objectives as objectives_mod
 from cxr_automl.hpo import storage as storage_mod
 from cxr_automl.hpo.pruners import make_pruner, make_sampler
 from cxr_automl.hpo.searchspace import SearchSpace, lookup
@@ -41,6 +43,19 @@ class SearchOptions:
     seed: int = 0
     overrides: tuple[str, ...] = ()
     runs_root: Path = Path("runs")
+    max_failures: str = failures.DEFAULT
+    keep_best: int = lifecycle.DEFAULT_KEEP_BEST
+    objective: str | None = None  # "val/macro_auc,cost/device_s": a multi-objective study
+    max_cost: dict[str, float] = field(default_factory=dict)  # cost/KEY -> limit (constraints_func)
+    warm_start: str | None = None  # STORAGE[:STUDY] whose top trials are enqueued first
+    warm_start_top: int = 3
+
+    def objectives(self) -> list[tuple[str, str]]:
+        return objectives_mod.parse(self.objective, self.space.metric, self.space.direction)
+
+    def sampler_for(self, index: int = 0) -> optuna.samplers.BaseSampler:
+        constraints = cost_mod.constraint(self.max_cost) if self.max_cost else None
+        return make_sampler(self.sampler, self.seed + index, constraints)
 
 
 def enqueue_baselines(study: optuna.Study, opts: SearchOptions) -> None:
@@ -73,18 +88,30 @@ def create_study(opts: SearchOptions, storage: optuna.storages.BaseStorage | str
     Runs once, before any worker starts: concurrent first creation of an RDB schema races."""
     config_mod.compose([*opts.space.overrides, *opts.overrides])  # fail fast on a bad override
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bars and table say it better
+    objectives = opts.objectives()
+    if len(objectives) > 1 and opts.pruner not in ("median", "none"):
+        raise ValueError(f"--pruner {opts.pruner}: Optuna cannot prune a multi-objective study; cxr-automl "
+                         "prunes one on its primary metric with --pruner median (or use none)")
     study = storage_mod.retry(lambda: optuna.create_study(
-        storage=storage, study_name=opts.study_name, load_if_exists=True, direction=opts.space.direction,
-        sampler=make_sampler(opts.sampler, opts.seed),
-        pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)),
+        storage=storage, study_name=opts.study_name, load_if_exists=True, directions=[d for _, d in objectives],
+        sampler=opts.sampler_for(), pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)),
         opts.storage)
+    if [d.name.lower() for d in study.directions] != [d for _, d in objectives]:
+        raise ValueError(f"study {opts.study_name!r} in {opts.storage} optimises {len(study.directions)} "
+                         f"objective(s) in other directions; use a new --study for --objective {opts.objective}")
     for key, value in {"search_space": str(Path(opts.space.path).resolve()) if opts.space.path else None,
                        "metric": opts.space.metric, "n_trials": opts.n_trials, "sampler": opts.sampler,
                        "pruner": opts.pruner, "prune_warmup": opts.prune_warmup,
                        "prune_lookahead": opts.prune_lookahead, "seed": opts.seed, "overrides": list(opts.overrides),
-                       "runs_root": str(Path(opts.runs_root).resolve())}.items():
+                       "runs_root": str(Path(opts.runs_root).resolve()), "max_failures": opts.max_failures,
+                       "keep_best": opts.keep_best, "objectives": [n for n, _ in objectives],
+                       "objective_spec": ",".join(f"{n}:{d[:3]}" for n, d in objectives),
+                       "max_cost": opts.max_cost, "warm_start": opts.warm_start}.items():
         study.set_user_attr(key, value)
     enqueue_baselines(study, opts)
+    if opts.warm_start:
+        from cxr_automl.hpo import warmstart
+        warmstart.enqueue(study, opts.warm_start, opts.space.params, opts.warm_start_top)
     return study
 
 
@@ -105,7 +132,11 @@ def options_from_study(study_name: str, storage: optuna.storages.BaseStorage, sp
                          pruner=attrs.get("pruner", "median"), prune_warmup=int(attrs.get("prune_warmup", 2)),
                          prune_lookahead=float(attrs.get("prune_lookahead", 0.0)), seed=int(attrs.get("seed", 0)),
                          overrides=(*attrs.get("overrides", ()), *overrides),
-                         runs_root=Path(attrs.get("runs_root", "runs")))
+                         runs_root=Path(attrs.get("runs_root", "runs")),
+                         max_failures=str(attrs.get("max_failures", failures.DEFAULT)),
+                         keep_best=int(attrs.get("keep_best", lifecycle.DEFAULT_KEEP_BEST)),
+                         objective=attrs.get("objective_spec"),
+                         max_cost=dict(attrs.get("max_cost") or {}), warm_start=attrs.get("warm_start"))
 
 
 def search(opts: SearchOptions) -> optuna.Study:
@@ -131,14 +162,13 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
     # we run the heartbeat ourselves (workers.Heartbeat) around ask/tell, which Optuna warns about
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     study = storage_mod.retry(lambda: optuna.load_study(
-        study_name=opts.study_name, storage=storage, sampler=make_sampler(opts.sampler, opts.seed + index),
+        study_name=opts.study_name, storage=storage, sampler=opts.sampler_for(index),
         pruner=make_pruner(opts.pruner, opts.prune_warmup, opts.prune_lookahead)), opts.storage)
     me = workers.identity()
     interval = getattr(storage, "get_heartbeat_interval", lambda: None)() or storage_mod.HEARTBEAT_INTERVAL
     presence = workers.Presence(study, me, interval, getattr(storage, "grace_period", None) or storage_mod.GRACE_PERIOD)
     presence("starting")
     adopted = workers.adopt_own_trial(study, me)
-    failures_in_a_row = 0
     with make_progress() as progress:
         bar = progress.add_task(f"trials ({me})", total=opts.n_trials, completed=n_finished(study), info="")
         while True:
@@ -150,10 +180,10 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                 if status == "done":
                     presence("exited")
                     break
-                if failures_in_a_row >= max(3, opts.n_trials):
-                    progress.console.print("[red]too many failed trials in a row; stopping[/red]")
+                stop = storage_mod.retry(lambda: failures.verdict(study), opts.storage)
+                if stop:  # every worker reads the same rule from the study, so all of them stop
                     presence("exited")
-                    break
+                    raise failures.TooManyFailuresError(stop)
                 if status == "full":  # the rest are running elsewhere; wait in case one dies
                     presence("waiting: the remaining trials run elsewhere")
                     time.sleep(poll_seconds)
@@ -169,8 +199,13 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
                     progress.console.print(f"[yellow]trial {trial.number} was declared stale and handed to "
                                            "another worker; moving on[/yellow]")
                     continue
-            state = study.get_trials(deepcopy=False)[trial.number].state
-            failures_in_a_row = failures_in_a_row + 1 if state == TrialState.FAIL else 0
+            try:  # bounded disk: resume files of an ended trial, best models beyond the best K
+                freed = storage_mod.retry(lambda: lifecycle.tidy(study, trial.number), opts.storage)
+                if freed:
+                    log.info("trial %d ended: removed %s of checkpoints it no longer needs", trial.number,
+                             lifecycle.human(freed))
+            except OSError as exc:
+                log.warning("could not tidy trial %d's run dir: %s", trial.number, exc)
             best = _best_value(study)
             progress.update(bar, total=opts.n_trials, completed=n_finished(study),
                             info="" if best is None else f"best {opts.space.metric} {best:.4f}")
@@ -178,7 +213,5 @@ def worker(opts: SearchOptions, storage: optuna.storages.BaseStorage, index: int
 
 
 def _best_value(study: optuna.Study) -> float | None:
-    try:
-        return study.best_value
-    except ValueError:
-        return None
+    best = objectives_mod.best_trial(study)
+    return None if best is None else best.values[0]

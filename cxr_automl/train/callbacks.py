@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cxr_automl.plugin.interfaces import EpochPlan
-from cxr_automl.train.checkpoint import LAST, load_latest, save_atomic
+from cxr_automl.train.checkpoint import BEST_MODEL, LAST, load_latest, save_atomic, save_best_model
 from cxr_automl.train.loop import Callback
 
 if TYPE_CHECKING:
@@ -37,6 +37,15 @@ class Checkpointer(Callback):
 
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         save_atomic(trainer.state_dict(), trainer.run_dir / LAST)
+
+
+class BestModelWriter(Callback):
+    """After the test: the best epoch's evaluated weights as ``best_model.safetensors`` (the run's export)."""
+
+    def on_fit_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        from cxr_automl.config import to_yaml
+        state = trainer.best_state if trainer.best_state is not None else trainer.best_model().state_dict()
+        save_best_model(state, trainer.run_dir / BEST_MODEL, to_yaml(trainer.cfg))
 
 
 class MetricsLogger(Callback):

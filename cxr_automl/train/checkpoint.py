@@ -1,4 +1,11 @@
-"""Atomic checkpoints and RNG state, loaded with weights-only unpickling."""
+"""Atomic checkpoints and RNG state, loaded with weights-only unpickling; the exportable best model.
+
+A run directory holds ``last.ckpt`` (+ ``previous.ckpt``) while it trains: everything resume needs
+(model, optimizer, schedule, EMA/teacher, RNG and the best epoch's weights). When it ends it writes
+``best_model.safetensors``: the best epoch's evaluated weights alone, with the resolved config in the
+file's metadata (and ``config.yaml`` beside it) — the one file to export. A search deletes the resume
+files of finished trials and keeps best models for its best K trials only (``hpo.lifecycle``).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ from cxr_automl.errors import UserError
 log = logging.getLogger(__name__)
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
+BEST_MODEL = "best_model.safetensors"
+#: what resume needs; a finished trial of a search no longer does
+RESUME_FILES = (LAST, PREVIOUS)
 
 
 class CheckpointError(UserError):
@@ -76,3 +86,23 @@ def load_latest(run_dir: Path) -> dict[str, Any] | None:
     if (Path(run_dir) / LAST).exists():
         raise CheckpointError(f"no readable checkpoint in {run_dir}; delete it to start over")
     return None
+
+
+def save_best_model(state: dict[str, torch.Tensor], path: Path, config_yaml: str) -> None:
+    """The best epoch's weights as one safetensors file (no pickle: safe to load from anywhere); tensors
+    are cloned so weights tied in the module (shared storage) are stored independently."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_yaml})
+    os.replace(tmp, path)
+
+
+def load_best_model(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, config YAML) of a ``best_model.safetensors``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as fh:
+        config_yaml = (fh.metadata() or {}).get("config", "")
+    return load_file(str(path)), config_yaml

@@ -1,4 +1,5 @@
-"""One training run: resolved config in, run directory with config, checkpoint and metrics out."""
+"""One training run: resolved config in, run directory with config, checkpoint, metrics and the
+exportable best model out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any, Sequence
 from rich.progress import Progress
 
 from cxr_automl.config import to_yaml
-from cxr_automl.train.callbacks import Checkpointer, MetricsLogger, RichProgress
+from cxr_automl.train import manifest
+from cxr_automl.train.callbacks import BestModelWriter, Checkpointer, MetricsLogger, RichProgress
 from cxr_automl.train.loop import Callback, Trainer
 
 
@@ -23,7 +25,9 @@ def train(cfg: dict[str, Any], run_dir: Path, callbacks: Sequence[Callback] = ()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    cbs: list[Callback] = [Checkpointer(resume=bool(cfg.get("resume", True))), MetricsLogger(), *callbacks]
+    manifest.write(cfg, run_dir)
+    cbs: list[Callback] = [Checkpointer(resume=bool(cfg.get("resume", True))), MetricsLogger(), BestModelWriter(),
+                           *callbacks]
     bar = RichProgress(progress, label) if progress is not None and cfg["trainer"].get("progress", True) else None
     if bar is not None:
         cbs.append(bar)

@@ -85,7 +85,7 @@ class WeakLocResult:
 
 def load_trained_model(run_dir: Path) -> tuple[torch.nn.Module, Any]:
     """Rebuild a run from its config.yaml and load the best epoch's evaluated weights."""
-    from cxr_automl.train.checkpoint import load_latest
+    from cxr_automl.train.checkpoint import BEST_MODEL, load_best_model, load_latest
     from cxr_automl.train.loop import Trainer
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -93,10 +93,13 @@ def load_trained_model(run_dir: Path) -> tuple[torch.nn.Module, Any]:
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg.setdefault("trainer", {})["progress"] = False
     state = load_latest(run_dir)
-    if state is None:
-        raise WeakLocError(f"{run_dir} has no checkpoint (last.ckpt); train it first")
+    if state is None and not (run_dir / BEST_MODEL).is_file():
+        raise WeakLocError(f"{run_dir} has no checkpoint (last.ckpt or {BEST_MODEL}); train it first")
     trainer = Trainer(cfg, run_dir)
-    trainer.load_state_dict(state)
+    if state is not None:
+        trainer.load_state_dict(state)
+    else:  # a search trial keeps only its exported best model once it finished
+        trainer.best_state = load_best_model(run_dir / BEST_MODEL)[0]
     model = trainer.best_model()
     if getattr(getattr(model, "head", None), "task", None) != "classification" or not hasattr(model, "adapter"):
         raise WeakLocError(f"{run_dir} is not a single-head classification run; weak localization needs one")

@@ -45,7 +45,7 @@ def test_hydra_entry_runs_a_two_trial_optuna_sweep(sweeper_python, tmp_path):
     study = optuna.load_study(study_name="spft", storage=f"sqlite:///{db}")
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert len(trials) == 2
-    assert set(trials[0].params) == {"strategy.unfreeze_k", "strategy.unfreeze_ramp", "strategy.ema_decay",
+    assert set(trials[0].params) == {"strategy.unfreeze_fraction", "strategy.unfreeze_ramp", "strategy.ema_decay",
                                      "strategy.weight_refine_rate", "strategy.lr_head", "strategy.lr_backbone"}
     for job in ("0", "1"):  # each job trained in its own output dir; the sweeper got its best epoch
         run = tmp_path / "multirun" / job
@@ -62,7 +62,7 @@ def test_search_space_becomes_sweeper_arguments():
     from cxr_automl.cli.hydra_app import sweep_args
     args = sweep_args("spft", ["strategy.ema_decay=0.95", "hydra.sweeper.n_trials=3"])
     assert args[:2] == ["--multirun", "hydra/sweeper=optuna"]
-    assert "strategy.unfreeze_k=range(0, 5)" in args and "metric=val/macro_auc" in args
+    assert "strategy.unfreeze_fraction=interval(0.0, 1.0)" in args and "metric=val/macro_auc" in args
     assert "hydra.sweeper.direction=maximize" in args and "strategy=spft" in args
     assert args.count("hydra.sweeper.n_trials=3") == 1 and not any(a.startswith("hydra.sweeper.n_trials=12") for a in args)
     assert [a for a in args if a.startswith("strategy.ema_decay=")] == ["strategy.ema_decay=0.95"]

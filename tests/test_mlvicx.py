@@ -220,7 +220,7 @@ def test_mlvicx_search_space_runs_end_to_end(in_tmp):
     study = optuna.load_study(study_name="mlvicx", storage=f"sqlite:///{in_tmp / 'runs' / 'cxr-automl.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 2 and all(0 <= t.value <= 1 for t in done)
-    assert {"strategy.lambda_l", "strategy.num_levels", "strategy.gamma"} <= set(done[1].params)
+    assert {"strategy.lambda_l", "strategy.levels", "strategy.gamma"} <= set(done[1].params)
     assert (in_tmp / "runs" / "mlvicx" / "trial_0001" / "encoder.pt").is_file()
 
 

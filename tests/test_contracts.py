@@ -57,7 +57,7 @@ def test_the_multi_dataset_heads_split():
     from cxr_automl.plugin.interfaces import SplittableHead
     assert {n for n in _built_in("head") if isinstance(registry.build(
         "head", n, supplied={"in_dim": 32, "in_channels": (8, 16, 32), "num_classes": 3}), SplittableHead)} \
-        >= {"dino", "upernet"}
+        >= {"dino", "upernet", "unet"}
 
 
 class TestStrategies(StrategyContract):

@@ -27,7 +27,8 @@ from cxr_files import SHARED
 COVID = SHARED / "covid-seg-100"
 PRESETS = sorted(config.experiments())
 #: dataset folders (the names foundation_x expects under data_root) → layout writer
-DIRS = {"nih_cxr14": "nih_cxr14", "vindr-cxr": "vindr_cxr", "chestx-det": "chestx_det", "organs": "mask_folder"}
+DIRS = {"nih_cxr14": "nih_cxr14", "vindr-cxr": "vindr_cxr", "chestx-det": "chestx_det", "organs": "mask_folder",
+        "siim": "siim_acr"}
 #: foundation_x trains on two of its datasets here, one with all three tasks: every part it builds is real
 #: size, but seven datasets' evaluations after each step would cost minutes of CPU
 FX_DATASETS = ("strategy.datasets=[{name: nih, tasks: [cls]}, {name: chestx_det, tasks: [cls, loc, seg], "
@@ -40,7 +41,7 @@ CPU = ["trainer.eval_batch_size=2", "trainer.num_workers=0", "trainer.progress=f
 REAL_SIZE_M = {"rad_dino": 85, "swin_b": 85, "resnet18": 11, "resnet50": 23, "yolov8s": 5, "hiera": 27}
 #: the image size each preset keeps
 SIZES = {"spft_nih": 518, "spft_chexpert": 518, "spft_det_yolov8": 640, "spft_det_dino": 640, "spft_sam2": 1024,
-         "foundation_x": 224, "mlvicx_nih": 224, "mlvicx_nih_downstream": 224}
+         "foundation_x": 224, "mlvicx_nih": 224, "mlvicx_nih_downstream": 224, "mlvicx_siim_downstream": 224}
 
 
 def write_chexpert(items: list[Annotated], out: Path) -> Path:
@@ -91,6 +92,7 @@ def overrides(name: str, root: Path) -> list[str]:
         "mlvicx_nih": [f"dataset.root={root / 'nih_cxr14'}", "strategy.downstream_epochs=1",
                        "strategy.downstream_batch_size=2"],
         "mlvicx_nih_downstream": [f"dataset.root={root / 'nih_cxr14'}"],
+        "mlvicx_siim_downstream": [f"dataset.root={root / 'siim'}"],
     }
     return per[name]
 
@@ -219,9 +221,60 @@ def test_ablation_spaces_are_exactly_the_papers_tables():
     assert [c["strategy"]["loss_terms"] for c in _compose_baselines("mlvicx_ablation")] == ["both", "global", "local"]
     grid = {(c["dataset"]["subset_fraction"], c["strategy"]["unfreeze_k"]) for c in _compose_baselines("mlvicx_protocol")}
     assert grid == {(f, k) for f in (0.01, 0.1, 0.3, 1.0) for k in (0, -1)}
+    seg = _compose_baselines("mlvicx_seg_protocol")  # Table III: frozen / fine-tune on 30 % and all
+    assert {(c["dataset"]["subset_fraction"], c["strategy"]["unfreeze_k"]) for c in seg} == {
+        (f, k) for f in (0.3, 1.0) for k in (0, -1)}
+    assert {(c["head"]["name"], c["dataset"]["name"], c["dataset"]["task"]) for c in seg} == {
+        ("unet", "siim_acr", "segmentation")}
     # Foundation X Table 10: four switches, and (tests/test_lock_release_plan.py) equal epochs and images
     arms = {(c["strategy"]["lock"], c["strategy"]["teacher"]) for c in _compose_baselines("foundation_x_ablation")}
     assert arms == {(a, b) for a in (True, False) for b in (True, False)}
+
+
+def test_mlvicx_segmentation_frozen_trains_the_unet_decoder_only_on_real_siim_masks(data_root, tmp_path):
+    """Table III's frozen protocol: the pretrained encoder stays as it is, the random U-Net decoder learns;
+    fine-tuning moves both. Real covid-seg-100 images with their opacity masks as SIIM-ACR RLE."""
+    small = ["backbone=resnet_tiny", "backbone.image_size=64", "dataset.image_size=64", "head.decoder_channels=null",
+             "trainer.batch_size=4", *CPU, f"dataset.root={data_root / 'siim'}", f"dataset.cache_dir={tmp_path / 'c'}",
+             "dataset.balance=false"]  # 20 images here, most with an opacity: balanced, too few to train on
+    for k, encoder_moves in ((0, False), (-1, True)):
+        cfg = config.compose(["experiment=mlvicx_siim_downstream", *small, f"strategy.unfreeze_k={k}"])
+        trainer = Trainer(cfg, tmp_path / f"run{k}")
+        model = trainer.model
+        assert type(model.head).__name__ == "UnetSegHead"
+        trainer.data.train = Subset(trainer.data.train, range(8))
+        plan = trainer.strategy.plan(0, model)
+        apply_plan(model, plan)
+        enc = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+        dec = {n: p.detach().clone() for n, p in model.head.named_parameters()}
+        trainer.train_epoch(plan)
+        moved = lambda module, before: [n for n, p in module.named_parameters()  # noqa: E731
+                                        if not torch.equal(before[n], p.detach())]
+        assert bool(moved(model.backbone, enc)) is encoder_moves, k
+        assert moved(model.head, dec), "the decoder learns in both protocols"
+        metrics, _ = trainer.evaluate("val")
+        assert math.isfinite(metrics["val/mean_dice"])
+
+
+def test_siim_balance_keeps_as_many_positives_as_negatives(tmp_path):
+    """MLVICX §IV-A's curated SIIM-ACR set, on real covid-seg-100 images (with and without an opacity;
+    most have one, so here the positives are cut, where in SIIM-ACR itself the negatives are)."""
+    from cxr_automl.plugin import registry
+    from cxr_automl.plugin.testing.layouts import write_siim
+    items = read_covid(COVID, 40)
+    write_siim(items, tmp_path / "siim")
+    rows = list(csv.reader(open(tmp_path / "siim" / "train-rle.csv")))[1:]
+    pos = {r[0] for r in rows if r[1].strip() != "-1"}
+    neg = {r[0] for r in rows} - pos
+    assert neg and len(pos) > len(neg), "the real subset has more opacities than clear images"
+    common = {"root": str(tmp_path / "siim"), "image_size": 32, "cache": False, "task": "classification"}
+    full = registry.build("dataset", "siim_acr", **common)
+    kept = registry.build("dataset", "siim_acr", balance=True, **common)
+    ids = lambda b: [r.image_id for s in (b.train, b.val, b.test) for r in s.records]  # noqa: E731
+    assert len(ids(full)) == len(pos) + len(neg)
+    got = set(ids(kept))
+    assert neg <= got and len(got & pos) == len(neg) == len(got) // 2
+    assert got == set(ids(registry.build("dataset", "siim_acr", balance=True, **common))), "the same each time"
 
 
 def test_learning_rate_ranges_contain_the_papers_values():

@@ -144,7 +144,7 @@ def parse_label(value: str, allowed: dict[float | None, float], where: str, colu
     return None
 
 
-def _rank(key: str, seed: int) -> str:
+def seeded_rank(key: str, seed: int) -> str:
     """A stable pseudo-random sort key: the same patient always sorts the same way for one seed."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
@@ -154,7 +154,7 @@ def patient_split(patients: list[str], fractions: tuple[float, float, float] = (
     """patient → split. Patients are ordered by a seeded hash, then cut by counts, so a patient never
     crosses splits and the assignment does not depend on row order. Every split gets at least one
     patient when there are three or more."""
-    uniq = sorted(set(patients), key=lambda p: _rank(p, seed))
+    uniq = sorted(set(patients), key=lambda p: seeded_rank(p, seed))
     n = len(uniq)
     n_val = round(n * fractions[1])
     n_test = round(n * fractions[2])
@@ -217,7 +217,7 @@ def fraction_subset(records: list[Record], fraction: float, seed: int, option: s
         strata.setdefault(key, []).append(p)
     taken: list[str] = []
     for key in sorted(strata):
-        patients = sorted(strata[key], key=lambda p: _rank(p, seed + 7919))
+        patients = sorted(strata[key], key=lambda p: seeded_rank(p, seed + 7919))
         target = round(fraction * sum(len(by_patient[p]) for p in patients))
         n = 0
         for p in patients:
@@ -226,6 +226,6 @@ def fraction_subset(records: list[Record], fraction: float, seed: int, option: s
             taken.append(p)
             n += len(by_patient[p])
     if not taken:  # a fraction too small for any stratum: the first patient of the overall order
-        taken = [min(by_patient, key=lambda p: _rank(p, seed + 7919))]
+        taken = [min(by_patient, key=lambda p: seeded_rank(p, seed + 7919))]
     keep = set(taken)
     return [r for r in records if r.patient in keep]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_automl.data import DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv
+from cxr_automl.data import (DataError, FileIndex, LoaderOptions, Problems, Record, build_bundle, loader, read_csv,
+                             seeded_rank)
 from cxr_automl.plugin.interfaces import DatasetBundle
 
 CLASSES = ["Pneumothorax"]
@@ -95,11 +96,23 @@ class SiimMasks:
         return None
 
 
+def balanced(records: list[Record], seed: int) -> list[Record]:
+    """As many pneumothorax images as negatives: every image of the smaller group, and the first of the
+    larger one in a seeded hash order of the ids; the file order kept."""
+    groups = [[r for r in records if r.labels[0]], [r for r in records if not r.labels[0]]]
+    small, large = sorted(groups, key=len)
+    cut = sorted(large, key=lambda r: seeded_rank(r.image_id, seed))[:len(small)]
+    keep = {r.image_id for r in small + cut}
+    return [r for r in records if r.image_id in keep]
+
+
 @loader("segmentation")
 def siim_acr(root: str = "data/siim-acr-pneumothorax", labels_csv: str = "train-rle.csv", rle: str = "relative",
-             *, task: str, opts: LoaderOptions) -> DatasetBundle:
+             balance: bool = False, *, task: str, opts: LoaderOptions) -> DatasetBundle:
     """SIIM-ACR pneumothorax: segmentation of its RLE masks (default; images with ``-1`` are empty-mask
-    negatives, kept) or classification of the same label."""
+    negatives, kept) or classification of the same label. ``balance``: as many pneumothorax images as negatives
+    (MLVICX's curated set, §IV-A): the larger group is cut, in a seeded hash order of the ids, before the
+    split."""
     if rle not in ("relative", "absolute"):
         raise DataError(f"rle={rle!r}; use relative (original SIIM file) or absolute (stage-2 file)")
     base = Path(root).expanduser()
@@ -128,6 +141,8 @@ def siim_acr(root: str = "data/siim-acr-pneumothorax", labels_csv: str = "train-
         positive = any(len(p) for p in g["rles"])
         records.append(Record(image_id=image_id, path=path, patient=image_id, labels=np.array([float(positive)], np.float32),
                               source=";".join(g["where"]), mask=g["rles"]))
+    if balance:
+        records = balanced(records, opts.seed)
     masks = SiimMasks(rle)
     return build_bundle("siim_acr", records, CLASSES, problems, opts, task=task, mask_fn=masks, mask_check=masks.check,
                         structures=CLASSES)

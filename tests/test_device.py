@@ -41,7 +41,8 @@ from cxr_automl.train.model import CXRModel
 from cxr_automl.train.runtime import apply_plan
 
 #: the production architectures at toy sizes (as in test_matrix)
-SMALL = {"mlp": ["head.hidden=16"], "upernet": ["head.hidden=16"], "yolov8": ["head.width=16"],
+SMALL = {"mlp": ["head.hidden=16"], "upernet": ["head.hidden=16"], "unet": ["head.width=16"],
+         "yolov8": ["head.width=16"],
          "sam2": ["head.hidden=32", "head.heads=4", "head.mlp_dim=64"],
          "dino": ["head.hidden=32", "head.heads=4", "head.num_queries=20", "head.num_denoising=10",
                   "head.decoder_layers=2", "head.encoder_ffn=64", "head.decoder_ffn=64"]}

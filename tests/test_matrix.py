@@ -17,7 +17,8 @@ from cxr_automl.train.loop import Trainer, collate
 
 #: small sizes for each component; the architectures are the production ones
 SMALL = {"resnet_tiny": ["backbone.width=8"], "mlp": ["head.hidden=16"], "upernet": ["head.hidden=16"],
-         "yolov8": ["head.width=16"], "sam2": ["head.hidden=32", "head.heads=4", "head.mlp_dim=64"],
+         "unet": ["head.width=16"], "yolov8": ["head.width=16"],
+         "sam2": ["head.hidden=32", "head.heads=4", "head.mlp_dim=64"],
          "dino": ["head.hidden=32", "head.heads=4", "head.num_queries=20", "head.num_denoising=10",
                   "head.decoder_layers=2", "head.encoder_ffn=64", "head.decoder_ffn=64"]}
 

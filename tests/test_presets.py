@@ -234,7 +234,7 @@ def test_ablation_spaces_are_exactly_the_papers_tables():
 def test_mlvicx_segmentation_frozen_trains_the_unet_decoder_only_on_real_siim_masks(data_root, tmp_path):
     """Table III's frozen protocol: the pretrained encoder stays as it is, the random U-Net decoder learns;
     fine-tuning moves both. Real covid-seg-100 images with their opacity masks as SIIM-ACR RLE."""
-    small = ["backbone=resnet_tiny", "backbone.image_size=64", "dataset.image_size=64", "head.decoder_channels=null",
+    small = ["backbone=resnet_tiny", "backbone.image_size=64", "dataset.image_size=64", "head.width=32",
              "trainer.batch_size=4", *CPU, f"dataset.root={data_root / 'siim'}", f"dataset.cache_dir={tmp_path / 'c'}",
              "dataset.balance=false"]  # 20 images here, most with an opacity: balanced, too few to train on
     for k, encoder_moves in ((0, False), (-1, True)):

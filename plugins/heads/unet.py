@@ -80,10 +80,11 @@ def default_widths(blocks: int, first: int = 256, last: int = 16) -> tuple[int, 
 
 @declare_head(UnetSegHead.spec)
 def unet(in_channels: tuple[int, ...], num_classes: int, decoder_channels: tuple[int, ...] | None = None,
-         full_res_blocks: int = 2, norm: bool = True, dice_weight: float = 1.0,
+         width: int = 256, full_res_blocks: int = 2, norm: bool = True, dice_weight: float = 1.0,
          bce_weight: float = 1.0) -> UnetSegHead:
     """U-Net decoder over all the backbone's maps. ``decoder_channels``: each block's width from the coarsest
-    (one per map after the first, plus ``full_res_blocks``; null: 256 halving to 16, smp's defaults);
+    (one per map after the first, plus ``full_res_blocks``); null: ``width`` halving per block, never below
+    16 (256: smp's widths 256, 128, 64, 32, 16);
     ``full_res_blocks``: blocks without a skip after the finest map, each doubling the size (2 from
     stride 4 = full resolution; 0 = predict at the finest map); ``norm``: BatchNorm in the blocks;
     loss = bce_weight·BCE + dice_weight·Dice."""
@@ -92,10 +93,15 @@ def unet(in_channels: tuple[int, ...], num_classes: int, decoder_channels: tuple
     blocks = len(in_channels) - 1 + full_res_blocks
     if blocks < 1:
         raise ValueError("unet on a backbone with one feature map needs head.full_res_blocks >= 1")
-    widths = tuple(int(c) for c in decoder_channels) if decoder_channels is not None else default_widths(blocks)
+    if decoder_channels is None:
+        if width < 1:
+            raise ValueError(f"head.width must be >= 1; got {width}")
+        widths = default_widths(blocks, width, min(16, width))
+    else:
+        widths = tuple(int(c) for c in decoder_channels)
     if len(widths) != blocks:
         raise ValueError(
             f"head.decoder_channels has {len(widths)} widths but this backbone's {len(in_channels)} maps and "
             f"full_res_blocks={full_res_blocks} make {blocks} decoder blocks; give {blocks} widths, e.g. "
-            f"head.decoder_channels=[{','.join(map(str, default_widths(blocks)))}], or leave it null")
+            f"head.decoder_channels=[{','.join(map(str, default_widths(blocks)))}], or leave it null (head.width)")
     return UnetSegHead(tuple(in_channels), num_classes, widths, full_res_blocks, norm, dice_weight, bce_weight)

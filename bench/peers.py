@@ -81,19 +81,64 @@ def read_runs(root: Path, metric: str) -> list[Run]:
     return sorted(runs, key=lambda r: r.start)
 
 
-def figures(runs: list[Run], t0: float, t1: float, slots: int, target: float | None) -> dict:
+def reach(runs: list[Run], t0: float, target: float | None) -> tuple[float, float] | None:
+    """(seconds from t0, epochs trained by then) when a run first reached ``target``; None if none did."""
+    hits = [r.end for r in runs if r.best is not None and target is not None and r.best >= target - 1e-12]
+    if not hits:
+        return None
+    t = min(hits)
+    return t - t0, sum(r.epochs if r.end <= t else r.epochs * max(0.0, (t - r.start) / (r.end - r.start))
+                       for r in runs)
+
+
+def figures(runs: list[Run], t0: float, t1: float, slots: int, target: float | None,
+            common: float | None = None) -> dict:
+    """One arm's row. ``target``: the no-pruning arm's best (the issue's goal); ``common``: the best value
+    every arm of the task reached (the lowest of their bests), which each arm reaches by construction."""
     done = [r for r in runs if r.best is not None]
     busy = sum(r.end - r.start for r in runs)
     out = {"trials": len(done), "wall_s": t1 - t0, "best": max((r.best for r in done), default=None),
            "epochs": sum(r.epochs for r in runs), "idle": 1 - busy / (slots * (t1 - t0)),
-           "orch_s": (slots * (t1 - t0) - busy) / max(1, len(runs))}
-    hits = [r.end for r in done if target is not None and r.best >= target - 1e-12]
-    if hits:
-        t = min(hits)
-        out["reach_s"] = t - t0
-        out["reach_epochs"] = sum(r.epochs if r.end <= t else r.epochs * max(0.0, (t - r.start) / (r.end - r.start))
-                                  for r in runs)
+           "orch_s": (slots * (t1 - t0) - busy) / max(1, len(runs)),
+           "t0": t0, "t1": t1, "slots": slots, "runs": [vars(r) for r in runs]}
+    for key, value in (("reach", target), ("common", common)):
+        hit = reach(runs, t0, value)
+        if hit:
+            out[f"{key}_s"], out[f"{key}_epochs"] = hit
     return out
+
+
+TASKS = (("classification", ("ours", "hydra", "ray"), "hydra"),
+         ("detection", ("yolo-ours", "yolo-ultralytics"), "yolo-ultralytics"))
+
+
+def score(results: dict[str, dict]) -> dict[str, dict]:
+    """Every arm's figures against its task's two targets (results as run_arm returns them)."""
+    for _, task_arms, ref in TASKS:
+        bests = {arm: max((x.best for x in results[arm]["runs"] if x.best is not None), default=None)
+                 for arm in task_arms if "runs" in results.get(arm, {})}
+        target = bests.get(ref)
+        common = min((b for b in bests.values() if b is not None), default=None) if len(bests) > 1 else None
+        for arm in bests:
+            r = results[arm]
+            results[arm] = {**figures(r["runs"], r["t0"], r["t1"], r["slots"], target, common),
+                            **({"resume": r["resume"]} if "resume" in r else {})}
+    return results
+
+
+def report(folder: Path) -> dict[str, dict]:
+    """``--report``: the figures again from a finished run's results.json and its arms' run folders."""
+    results = json.loads((folder / "results.json").read_text())
+    for arm, r in results.items():
+        if "error" in r:
+            continue
+        runs = [Run(**x) for x in r["runs"]] if "runs" in r else read_runs(folder / arm, metric(arm))
+        if "t0" not in r:  # written by an older bench: time from the first run's start
+            r["t0"] = min(x.start for x in runs)
+            r["t1"] = r["t0"] + r["wall_s"]
+            r["slots"] = 1 if arm == "yolo-ultralytics" else 2
+        results[arm] = {**r, "runs": runs}
+    return score(results)
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -191,29 +236,35 @@ def full_epochs(arm: str, a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- table
-def table(results: dict[str, dict], a: argparse.Namespace) -> str:
-    lines = ["| task | arm | trials | best | wall s | epochs | wall s to target | epochs to target | idle share "
-             "| orchestration s/trial | resume: finished / target |", "|---|" * 1 + "---|" * 10]
-    for task, arms, ref in (("classification", ("ours", "hydra", "ray"), "hydra"),
-                            ("detection", ("yolo-ours", "yolo-ultralytics"), "yolo-ultralytics")):
+def table(results: dict[str, dict], n_trials: int) -> str:
+    lines = ["| task | arm | trials | best | wall s | epochs | wall s to target | epochs to target "
+             "| wall s to common best | epochs to common best | idle share | orchestration s/trial "
+             "| resume: finished / target |", "|---|" * 1 + "---|" * 12]
+    for task, arms, ref in TASKS:
         target = results.get(ref, {}).get("best")
+        commons = [results[x]["best"] for x in arms if results.get(x, {}).get("best") is not None]
         for arm in arms:
             r = results.get(arm)
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {task} | {arm} | {r['error']} |" + " |" * 9)
+                lines.append(f"| {task} | {arm} | {r['error']} |" + " |" * 11)
                 continue
-            reach = (f"{r['reach_s']:.0f}", f"{r['reach_epochs']:.0f}") if "reach_s" in r else ("not reached",) * 2
+            hit = lambda key: (f"{r[key + '_s']:.0f}", f"{r[key + '_epochs']:.0f}") if key + "_s" in r \
+                else ("not reached",) * 2  # noqa: E731
             res = r.get("resume")
-            res_txt = "-" if res is None else (f"{res['resume_finished']} / {a.n_trials}" +
+            res_txt = "-" if res is None else (f"{res['resume_finished']} / {n_trials}" +
                                                (f" (+{res['resume_running']} RUNNING)" if res["resume_running"] else "")
                                                + f", {res.get('resume_runs', '?')} runs trained")
             best = "-" if r["best"] is None else f"{r['best']:.4f}"
-            lines.append(f"| {task} | {arm} | {r['trials']} | {best} | {r['wall_s']:.0f} | {r['epochs']} | {reach[0]} "
-                         f"| {reach[1]} | {r['idle']:.0%} | {r['orch_s']:.1f} | {res_txt} |")
+            lines.append(f"| {task} | {arm} | {r['trials']} | {best} | {r['wall_s']:.0f} | {r['epochs']} "
+                         f"| {' | '.join(hit('reach'))} | {' | '.join(hit('common'))} | {r['idle']:.0%} "
+                         f"| {r['orch_s']:.1f} | {res_txt} |")
         lines.append(f"| {task} | target | | {'-' if target is None else f'{target:.4f}'} (best of {ref}, no pruning) "
-                     "| | | | | | | |")
+                     "| | | | | | | | | |")
+        if len(commons) > 1:
+            lines.append(f"| {task} | common best | | {min(commons):.4f} (the lowest arm's best: every arm reached it) "
+                         "| | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -224,13 +275,14 @@ def ratios(results: dict[str, dict]) -> list[str]:
         p = results.get(peer, {})
         if "wall_s" in ours and "wall_s" in p:  # independent of which recipes each sampler happened to draw
             out.append(f"ours vs {peer}: {p['wall_s'] / ours['wall_s']:.2f}x faster through the same trial budget")
-        if "reach_s" in ours and "reach_s" in p:
-            ratio = p["reach_s"] / ours["reach_s"]
-            out.append(f"ours vs {peer}: {ratio:.2f}x faster to the target (goal >= {goal}x: "
-                       f"{'met' if ratio >= goal else 'NOT met'})")
-        elif peer in results and "ours" in results:
-            out.append(f"ours vs {peer}: no ratio (target not reached by "
-                       f"{'ours' if 'reach_s' not in ours else peer})")
+        for key, what in (("reach", "the target"), ("common", "the common best")):
+            if f"{key}_s" in ours and f"{key}_s" in p:
+                ratio = p[f"{key}_s"] / ours[f"{key}_s"]
+                out.append(f"ours vs {peer}: {ratio:.2f}x faster to {what} (goal >= {goal}x: "
+                           f"{'met' if ratio >= goal else 'NOT met'})")
+            elif peer in results and "ours" in results:
+                out.append(f"ours vs {peer}: no ratio to {what} (not reached by "
+                           f"{'ours' if f'{key}_s' not in ours else peer})")
     return out
 
 
@@ -252,9 +304,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: runs/peers-<time>)")
     ap.add_argument("--covid", type=Path, default=COVID)
     ap.add_argument("--arm-timeout", type=int, default=7200)
+    ap.add_argument("--report", type=Path, metavar="DIR", help="print the table of a finished run's work folder "
+                                                              "again (its results.json and run folders); runs nothing")
     ap.add_argument("overrides", nargs="*", help="more config overrides for every classification arm, e.g. "
                                                  "dataset.n_train=500")
     a = ap.parse_args()
+    if a.report:
+        results = report(a.report)
+        print(table(results, a.n_trials or 12))
+        for line in ratios(results):
+            print(line)
+        return
     q = a.quick
     a.n_trials = a.n_trials or (2 if q else 12)
     a.epochs = a.epochs or (2 if q else 8)
@@ -291,13 +351,7 @@ def main() -> None:
         results[arm] = r
         what = f"error {r['error']}" if "error" in r else f"{len(r['runs'])} runs"
         print(f"{arm}: {what} in {time.time() - t:.0f} s", flush=True)
-    for task_arms, ref in ((("ours", "hydra", "ray"), "hydra"), (("yolo-ours", "yolo-ultralytics"), "yolo-ultralytics")):
-        ref_r = results.get(ref, {})
-        target = max((x.best for x in ref_r.get("runs", []) if x.best is not None), default=None)
-        for arm in task_arms:
-            r = results.get(arm)
-            if r and "runs" in r:
-                results[arm] = figures(r["runs"], r["t0"], r["t1"], r["slots"], target)
+    results = score(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if not a.no_resume:
         for arm in arms:
@@ -309,7 +363,7 @@ def main() -> None:
                     results[arm]["resume"] = {"resume_finished": -1, "resume_running": 0, "resume_runs": "?"}
                 (out / "results.json").write_text(json.dumps(results, indent=1))  # kept if a later arm is stopped
     print()
-    print(table(results, a))
+    print(table(results, a.n_trials))
     for line in ratios(results):
         print(line)
     print(f"work folder: {out}")

@@ -15,7 +15,7 @@ from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
 from torch import nn
 
 from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
-from cxr_automl_plugins.heads.upernet import UperNetClassifier, mask_loss
+from cxr_automl_plugins.heads.upernet import MaskLogits, UperNetClassifier
 
 
 class UnetDecoder(nn.Module):
@@ -43,7 +43,7 @@ class UnetDecoder(nn.Module):
         return x
 
 
-class UnetSegHead(Head, SplittableHead):
+class UnetSegHead(MaskLogits, Head, SplittableHead):
     """Multi-scale NCHW maps → (N, C, H, W) mask logits (the input's size from a stride-4 finest map)."""
 
     spec = HeadSpec(task="segmentation", feature_maps=1)
@@ -59,13 +59,6 @@ class UnetSegHead(Head, SplittableHead):
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
         # timm Swin's NCHW maps are permuted views; the convolutions want contiguous input
         return self.classifier(self.decoder([f.contiguous() for f in feats.features]))
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
-             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return mask_loss(outputs, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
-
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(outputs.float())
 
     def split(self) -> HeadParts:
         """The decoder (shared) and the last convolution with the loss (per dataset)."""

@@ -32,7 +32,23 @@ def mask_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], num_classes
     return per_class.mean()
 
 
-class UperNetClassifier(nn.Module):
+class MaskLogits:
+    """``loss`` and ``predict`` of a module whose outputs are per-class mask logits (``num_classes``,
+    ``bce_weight`` and ``dice_weight`` set by its ``__init__``): the segmentation heads and their parts."""
+
+    num_classes: int
+    bce_weight: float
+    dice_weight: float
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
+             class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return mask_loss(outputs, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(outputs.float())
+
+
+class UperNetClassifier(MaskLogits, nn.Module):
     """The per-dataset part: UperNet's final 1×1 classifier over the fused map, with the head's loss."""
 
     def __init__(self, classifier: nn.Module, num_classes: int, bce_weight: float, dice_weight: float):
@@ -43,15 +59,8 @@ class UperNetClassifier(nn.Module):
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         return self.classifier(fused)
 
-    def loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor],
-             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return mask_loss(logits, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits.float())
-
-
-class UperNetSegHead(Head, SplittableHead):
+class UperNetSegHead(MaskLogits, Head, SplittableHead):
     """Multi-scale NCHW maps → (N, C, h, w) mask logits at the highest feature resolution."""
 
     spec = HeadSpec(task="segmentation", feature_maps=2)
@@ -67,13 +76,6 @@ class UperNetSegHead(Head, SplittableHead):
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
         # timm Swin's NCHW maps are permuted views; the convolutions want contiguous input
         return self.net([f.contiguous() for f in feats.features])
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
-             class_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return mask_loss(outputs, batch, self.num_classes, self.bce_weight, self.dice_weight, class_weights)
-
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(outputs.float())
 
     def split(self) -> HeadParts:
         """PSP + FPN fusion to ``hidden`` channels (shared) and the last 1×1 classifier with the loss (per

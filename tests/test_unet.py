@@ -1,5 +1,6 @@
 """The ``unet`` head: smp's U-Net decoder blocks on our backbones' maps, at full resolution, with clear
-errors for widths that do not fit the backbone."""
+errors for widths that do not fit the backbone (every tiny backbone × unet trains in test_matrix.py,
+every real layout with masks × unet in test_realdata.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 
 from cxr_automl import config
 from cxr_automl.plugin import registry
-from cxr_automl.train.model import build_model
 
 
 def _blocks(decoder) -> list[tuple[int, int]]:
@@ -44,16 +44,3 @@ def test_widths_follow_head_width_and_a_wrong_length_is_one_line():
     with pytest.raises(registry.RegistryError, match="full_res_blocks must be >= 0"):
         registry.build("head", "unet", supplied={"in_channels": (8, 16), "num_classes": 2}, full_res_blocks=-1)
 
-
-def test_every_backbone_family_feeds_it():
-    """ResNet, Swin, RAD-DINO, Hiera and YOLOv8 maps (strides 4-32, or 8-32 for YOLOv8) all decode."""
-    for name in ("resnet_tiny", "swin_tiny", "rad_dino_tiny", "hiera_tiny", "yolov8_tiny"):
-        cfg = config.compose([f"backbone={name}", "head=unet", "head.width=16", "dataset.task=segmentation",
-                              "dataset.n_train=4", "dataset.n_val=2", "dataset.n_test=2", "dataset.image_size=64",
-                              "backbone.image_size=64"])
-        d_cfg = dict(cfg["dataset"])
-        data = registry.build("dataset", d_cfg.pop("name"), **d_cfg)
-        model = build_model(cfg["backbone"], cfg["head"], data)
-        with torch.no_grad():
-            out = model(data.train[0]["image"][None].expand(2, -1, -1, -1))
-        assert out.shape[:2] == (2, len(data.class_names)) and out.shape[-1] >= 32, (name, out.shape)

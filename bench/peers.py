@@ -26,6 +26,10 @@ are compared with the target.
 
     python bench/peers.py                  # full: 12 trials x 8 epochs, every arm, resume checks
     python bench/peers.py --quick          # CI smoke: ours + hydra, 2 tiny trials (ray/detection: --arms)
+    python bench/peers.py --report DIR     # the table of a finished run again, from its work folder
+
+Beside the target, the *common best* (the lowest of a task's arms' bests) is a value every arm reaches, so
+each arm has a time to it even when the samplers' draws leave the target out of reach for some.
 """
 
 from __future__ import annotations

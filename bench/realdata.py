@@ -35,9 +35,11 @@ Why segmentation trails a little (measured at 30 epochs, 1 thread, seed 0; mean 
 reference): finetune's defaults at 128 px 0.903 / 0.925 (-0.021, just short); without augmentation
 ours 0.896; ``head.hidden=256`` ours 0.905 at twice the step time; ``strategy.lr_backbone=1e-3`` for
 both 0.908 / 0.926 (-0.018), the default here; the same at 160 px 0.914 / 0.930 (-0.015). The gap is
-mostly Cardiomediastinum (-0.035 at 128 px, -0.022 at 160 px; the lungs -0.01): UperNet predicts at
-stride 4 and is upsampled, the U-Net decodes to full resolution; the gap narrowed a little at 160 px
-(the stride-4 ceiling, ground truth pooled and upsampled, is 0.991 at 128 px). Learning rate and
+mostly Cardiomediastinum (-0.035 at 128 px, -0.022 at 160 px; the lungs -0.01). It is not UperNet's
+stride-4 output: ``--seg-extra head=unet`` (our U-Net head, the reference's own decoder blocks, full
+resolution) gave 0.903 / 0.929 (-0.026, 2 threads). What still differs is smp's stride-2 stem skip, its
+1-channel encoder input (ours repeats the grey channel and normalises with ImageNet's statistics) and
+our strategy's parameter groups. Learning rate and
 resolution moved it; augmentation and decoder width did not. The default run with 2 threads gave
 0.908 / 0.929 (-0.021): short by 0.001, while the thread count alone moved the reference by 0.003
 (0.926 with 1 thread). One seed each, 18 test images: what another seed does was not measured.

@@ -14,15 +14,16 @@ import torch
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
 from torch import nn
 
-from cxr_automl.plugin.interfaces import BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head
+from cxr_automl.plugin.interfaces import (BackboneOutput, Head, HeadParts, HeadSpec, SplittableHead, declare_head,
+                                          last_maps)
 from cxr_automl_plugins.heads.upernet import MaskLogits, UperNetClassifier
 
 
 class UnetDecoder(nn.Module):
     """Maps high → low resolution (the backbone's order) → decoded features, ``out_channels`` wide."""
 
-    def __init__(self, in_channels: tuple[int, ...], decoder_channels: tuple[int, ...], full_res_blocks: int,
-                 norm: bool):
+    def __init__(self, in_channels: tuple[int, ...], decoder_channels: tuple[int, ...], norm: bool):
+        """Blocks past the skips (``full_res_blocks`` of them) fuse nothing and double the size."""
         super().__init__()
         skips = list(in_channels[:-1])[::-1]  # finer maps, from the coarsest skip up
         widths = [in_channels[-1], *decoder_channels]
@@ -32,7 +33,6 @@ class UnetDecoder(nn.Module):
             for i in range(len(decoder_channels)))
         self.n_skips = len(skips)
         self.out_channels = widths[-1]
-        self.full_res_blocks = full_res_blocks
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         x, skips = maps[-1], maps[:-1][::-1]
@@ -49,16 +49,15 @@ class UnetSegHead(MaskLogits, Head, SplittableHead):
     spec = HeadSpec(task="segmentation", feature_maps=1)
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, decoder_channels: tuple[int, ...],
-                 full_res_blocks: int, norm: bool, dice_weight: float, bce_weight: float):
+                 norm: bool, dice_weight: float, bce_weight: float):
         super().__init__()
-        self.decoder = UnetDecoder(in_channels, decoder_channels, full_res_blocks, norm)
+        self.decoder = UnetDecoder(in_channels, decoder_channels, norm)
         self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, kernel_size=3, padding=1)
         self.num_classes = num_classes
         self.dice_weight, self.bce_weight = dice_weight, bce_weight
 
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
-        # timm Swin's NCHW maps are permuted views; the convolutions want contiguous input
-        return self.classifier(self.decoder([f.contiguous() for f in feats.features]))
+        return self.classifier(self.decoder(last_maps(feats, None)))  # contiguous: Swin's maps are views
 
     def split(self) -> HeadParts:
         """The decoder (shared) and the last convolution with the loss (per dataset)."""
@@ -97,4 +96,4 @@ def unet(in_channels: tuple[int, ...], num_classes: int, decoder_channels: tuple
             f"head.decoder_channels has {len(widths)} widths but this backbone's {len(in_channels)} maps and "
             f"full_res_blocks={full_res_blocks} make {blocks} decoder blocks; give {blocks} widths, e.g. "
             f"head.decoder_channels=[{','.join(map(str, default_widths(blocks)))}], or leave it null (head.width)")
-    return UnetSegHead(tuple(in_channels), num_classes, widths, full_res_blocks, norm, dice_weight, bce_weight)
+    return UnetSegHead(tuple(in_channels), num_classes, widths, norm, dice_weight, bce_weight)
